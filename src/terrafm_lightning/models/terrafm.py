@@ -1,0 +1,245 @@
+"""The TerraFM backbone: modality-specific stems + fusion in front of a pre-norm ViT."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.models.patch_embed import ModalityPatchEmbed
+
+
+class TerraFM(nn.Module):
+    """TerraFM vision transformer over any subset of S1 / S2-L1C / S2-L2A inputs.
+
+    Args:
+        embed_dim: token width d.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / d.
+        patch_size: stem patch size (16 in the release).
+        img_size: size the position embedding is learned for (224 -> 14x14 grid).
+        stem_ratio: stem width D = stem_ratio * d (3 in the release).
+        num_queries: learned fusion queries (5 in the paper).
+        drop_path_rate: stochastic depth of the last block (linear over depth).
+        modalities: modalities to build stems for.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 16,
+        img_size: int = 224,
+        stem_ratio: int = 3,
+        num_queries: int = 5,
+        drop_path_rate: float = 0.0,
+        modalities: Sequence[str] = MODALITIES,
+    ) -> None:
+        super().__init__()
+        for m in modalities:
+            if m not in BANDS:
+                raise ValueError(f"unknown modality {m!r}; expected a subset of {list(MODALITIES)}")
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.patch_embed = ModalityPatchEmbed(
+            embed_dim, stem_ratio, patch_size, num_queries, tuple(modalities)
+        )
+        self.modalities = self.patch_embed.modalities
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2 + 1, embed_dim))
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.ModuleList(
+            Block(
+                embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer
+            )
+            for r in rates
+        )
+        self.norm = norm_layer(embed_dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay (timm convention)."""
+        return {"pos_embed", "cls_token", "patch_embed.fusion.queries", "patch_embed.fusion.score"}
+
+    def presence_mask(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
+        """Validate ``inputs`` and return the (B, 3) bool presence mask.
+
+        Raises:
+            ValueError: on an empty input, an unknown modality, a wrong band count, a size that is
+                not a multiple of the patch size, inconsistent shapes or an inconsistent mask.
+        """
+        if not inputs:
+            raise ValueError(f"empty input: give at least one of {list(self.modalities)}")
+        shape = None
+        for m, x in inputs.items():
+            if m not in self.modalities:
+                raise ValueError(
+                    f"unknown modality {m!r}; this model takes {list(self.modalities)}"
+                )
+            if x.ndim != 4 or x.shape[1] != len(BANDS[m]):
+                raise ValueError(
+                    f"{m}: expected (B, {len(BANDS[m])}, H, W) with bands {list(BANDS[m])}, "
+                    f"got shape {tuple(x.shape)}"
+                )
+            h, w = x.shape[-2:]
+            if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
+                raise ValueError(
+                    f"{m}: spatial size {h}x{w} must be a positive multiple of {self.patch_size}"
+                )
+            if shape is not None and (x.shape[0], h, w) != shape:
+                raise ValueError(
+                    f"{m}: batch and size {(x.shape[0], h, w)} differ from the other "
+                    f"modalities' {shape}"
+                )
+            shape = (x.shape[0], h, w)
+        given = torch.tensor([m in inputs for m in MODALITIES])
+        if presence is None:
+            return given.to(next(iter(inputs.values())).device).expand(shape[0], -1)
+        if presence.shape != (shape[0], len(MODALITIES)) or presence.dtype != torch.bool:
+            raise ValueError(
+                f"presence mask must be bool of shape ({shape[0]}, {len(MODALITIES)}) with "
+                f"columns {list(MODALITIES)}; got {presence.dtype} {tuple(presence.shape)}"
+            )
+        missing = presence.any(dim=0).cpu() & ~given
+        if missing.any():
+            names = [m for m, bad in zip(MODALITIES, missing, strict=True) if bad]
+            raise ValueError(f"presence mask marks {names} present but inputs lack them")
+        empty = ~presence.any(dim=1)
+        if empty.any():
+            raise ValueError(
+                f"presence mask has no modality for samples {empty.nonzero().flatten().tolist()}"
+            )
+        return presence
+
+    def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:
+        """Position embedding for an ``h`` x ``w`` patch grid (DINO-style bicubic resampling)."""
+        if h == w == self.grid_size:
+            return self.pos_embed
+        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        n, dim = self.grid_size, grid.shape[-1]
+        grid = grid.reshape(1, n, n, dim).permute(0, 3, 1, 2)
+        # The +0.1 avoids floating point error in the resulting size (as in DINO).
+        grid = F.interpolate(
+            grid.float(), scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic"
+        ).to(grid.dtype)
+        if grid.shape[-2:] != (h, w):
+            raise RuntimeError(f"position grid resampled to {tuple(grid.shape[-2:])}, not {(h, w)}")
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, h * w, dim)], dim=1)
+
+    def prepare_tokens(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
+        """Patch-embed, prepend the CLS token and add position embeddings: (B, 1+N, d)."""
+        presence = self.presence_mask(inputs, presence)
+        h, w = (s // self.patch_size for s in next(iter(inputs.values())).shape[-2:])
+        x = self.patch_embed(inputs, presence)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return x + self.interpolate_pos_encoding(h, w)
+
+    def forward_features(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
+        """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d)."""
+        x = self.prepare_tokens(inputs, presence)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
+        """Normalised CLS features, (B, d)."""
+        return self.forward_features(inputs, presence)[:, 0]
+
+    def forward_intermediates(
+        self,
+        inputs: dict[str, Tensor],
+        presence: Tensor | None = None,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+    ) -> list[Tensor]:
+        """Patch-token maps of chosen blocks for dense heads.
+
+        Args:
+            inputs: modality -> (B, C, H, W).
+            presence: optional (B, 3) bool mask.
+            indices: last ``n`` blocks if an int, else block indices (negative allowed);
+                all blocks if None.
+            norm: apply the final LayerNorm to each map.
+
+        Returns:
+            One (B, d, H/16, W/16) map per selected block, in block order.
+        """
+        take, last = feature_take_indices(len(self.blocks), indices)
+        h, w = (s // self.patch_size for s in next(iter(inputs.values())).shape[-2:])
+        x = self.prepare_tokens(inputs, presence)
+        maps = []
+        for i, block in enumerate(self.blocks[: last + 1]):
+            x = block(x)
+            if i in take:
+                y = self.norm(x) if norm else x
+                maps.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        return maps
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_in = module.in_channels * math.prod(module.kernel_size)
+        nn.init.trunc_normal_(module.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(module.bias)
+
+
+_SIZES: dict[str, dict[str, int]] = {
+    "terrafm_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
+    "terrafm_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
+    "terrafm_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
+    "terrafm_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
+}
+
+
+def _build(name: str, pretrained: bool, **kwargs: object) -> TerraFM:
+    if pretrained:
+        raise ValueError(
+            f"{name}: no hub download; build it and call load_released_weights(model, path)"
+        )
+    # timm.create_model passes its own pretrained-config arguments; they do not apply here.
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return TerraFM(**{**_SIZES[name], **kwargs})
+
+
+@register_model
+def terrafm_tiny(pretrained: bool = False, **kwargs: object) -> TerraFM:
+    """TerraFM-Ti: d=192, 12 blocks, 3 heads (tests and the CPU demo)."""
+    return _build("terrafm_tiny", pretrained, **kwargs)
+
+
+@register_model
+def terrafm_small(pretrained: bool = False, **kwargs: object) -> TerraFM:
+    """TerraFM-S: d=384, 12 blocks, 6 heads."""
+    return _build("terrafm_small", pretrained, **kwargs)
+
+
+@register_model
+def terrafm_base(pretrained: bool = False, **kwargs: object) -> TerraFM:
+    """TerraFM-B: d=768, 12 blocks, 12 heads (released weights ``TerraFM-B.pth``)."""
+    return _build("terrafm_base", pretrained, **kwargs)
+
+
+@register_model
+def terrafm_large(pretrained: bool = False, **kwargs: object) -> TerraFM:
+    """TerraFM-L: d=1024, 24 blocks, 16 heads (released weights ``TerraFM-L.pth``)."""
+    return _build("terrafm_large", pretrained, **kwargs)

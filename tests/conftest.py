@@ -1,0 +1,28 @@
+"""Shared fixtures: the real samples in ../shared and small synthetic inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("TERRAFM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+REQUIRE_SHARED = os.environ.get("TERRAFM_REQUIRE_SHARED_DATA") == "1"
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared; skips (or fails when CI requires it) if it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        message = f"real sample {path} absent (set TERRAFM_SHARED to the shared folder)"
+        if REQUIRE_SHARED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
