@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint
+.PHONY: install test lint eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
 
 install: $(STAMP)
 
@@ -19,9 +19,52 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import terrafm_lightning, torch, torchvision, timm"
 	touch $(STAMP)
 
+# Downstream evaluation: kNN + linear probes on every dataset found under DATA, next to the
+# random-init baseline; results.md / results.json in EVAL_OUT. CKPT = pretraining checkpoint
+# (teacher), or RELEASED = TerraFM-B.pth (with BACKBONE=terrafm_large for TerraFM-L.pth).
+CKPT ?=
+RELEASED ?=
+BACKBONE ?= terrafm_base
+DATA ?= ../shared/data
+EVAL_OUT ?= outputs/eval
+EVAL_EPOCHS ?= 10
+
+eval: install
+	$(BIN)/python -m terrafm_lightning.eval.report \
+		$(if $(CKPT),--ckpt $(CKPT),--released $(RELEASED) --backbone $(BACKBONE)) \
+		--data $(DATA) --out $(EVAL_OUT) --epochs $(EVAL_EPOCHS)
+
 test: install
 	$(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks data_prep
 	$(BIN)/ruff format --check src tests benchmarks data_prep
+
+# Data preparation (terrafm-data; see docs/data_store.md). STORE is the output store path or URL.
+STORE ?= data/store.zarr
+SAMPLES ?= 256
+TILE_SIZE ?= 534
+GEOTIFF ?= ../shared/data/terramind_examples
+WORLDCOVER ?= ../shared/data/worldcover
+MAJORTOM ?= data/majortom
+
+data-synthetic: install
+	$(BIN)/terrafm-data synthetic $(STORE) --samples $(SAMPLES) --tile-size $(TILE_SIZE)
+
+# MAJORTOM holds Core-S1RTC, Core-S2L1C and Core-S2L2A folders (metadata.parquet + images/).
+data-majortom: install
+	$(BIN)/terrafm-data majortom $(STORE) --s1 $(MAJORTOM)/Core-S1RTC \
+		--s2-l1c $(MAJORTOM)/Core-S2L1C --s2-l2a $(MAJORTOM)/Core-S2L2A --tile-size $(TILE_SIZE)
+
+data-geotiff: install
+	$(BIN)/terrafm-data geotiff $(GEOTIFF) $(STORE)
+
+data-worldcover: install
+	$(BIN)/terrafm-data worldcover $(STORE) $(WORLDCOVER)
+
+data-stats: install
+	$(BIN)/terrafm-data stats $(STORE)
+
+data-validate: install
+	$(BIN)/terrafm-data validate $(STORE)

@@ -26,3 +26,11 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A read-only 32-tile, 64 px synthetic store (all modalities, WorldCover), made once."""
+    from tests.helpers import make_synthetic_store
+
+    return make_synthetic_store(tmp_path_factory.mktemp("store") / "synthetic.zarr")

@@ -19,7 +19,7 @@ BANDS: dict[str, tuple[str, ...]] = {
 }
 """Band names each stem expects, in channel order."""
 
-S2_L1C_ALL_BANDS = S2_L2A_BANDS[:9] + ("B10",) + S2_L2A_BANDS[9:]
+S2_L1C_ALL_BANDS = S2_L2A_BANDS[:10] + ("B10",) + S2_L2A_BANDS[10:]
 """The 13 bands of an L1C product as distributed (B10 between B09 and B11)."""
 
 UNITS: dict[str, str] = {

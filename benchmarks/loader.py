@@ -1,0 +1,171 @@
+"""Loader throughput per worker process: store reader vs raw decode vs per-band GeoTIFFs.
+
+Writes a synthetic store of ``--samples`` three-modality tiles (``--size`` px, default 534) and
+the same pixels as per-band GeoTIFFs (deflate, one file per band and tile, as SSL4EO/BigEarthNet
+ship them), then reads every tile once per repeat in one random order, single process (what
+one DataLoader worker does), files in the page cache:
+
+- ``loader``: :class:`StoreTileDataset` items (zarr read, decode, nodata replacement, float32),
+- ``loader via DataLoader``: the same through a 1-worker spawn DataLoader (collate + IPC),
+- ``raw decode``: the same shard bytes read from disk and blosc-decoded straight to numpy,
+- ``GeoTIFF``: the same pixels from 26 per-band GeoTIFFs per tile with rasterio.
+
+Goals: loader >= 2x GeoTIFF and >= 70% of raw decode.
+Usage: ``python benchmarks/loader.py [--samples 32] [--size 534] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numcodecs.blosc
+import numpy as np
+import rasterio
+import rasterio.errors
+from torch.utils.data import DataLoader
+
+from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.store import NODATA, PIXEL_DTYPES, open_store
+from terrafm_lightning.data.synthetic import prepare_synthetic
+from terrafm_lightning.modalities import BANDS, MODALITIES
+
+EMPTY = 2**64 - 1
+"""Shard-index offset of an inner chunk that was never written."""
+
+
+def make_dataset(path: str) -> StoreTileDataset:
+    meta = SampleMetadata(open_store(path))
+    samples = np.arange(len(meta.written))
+    return StoreTileDataset(
+        path, samples, meta.available, meta.worldcover_hist, meta.dominant_class, MODALITIES, 1.0
+    )
+
+
+def raw_reader(path: Path, size: int) -> Callable[[int], list[np.ndarray]]:
+    """Read a sample's inner chunks from the shard files and blosc-decode them."""
+    per_shard = int(open_store(str(path)).attrs["samples_per_shard"])
+    index_bytes = per_shard * 16 + 4  # (offset, nbytes) uint64 per inner chunk + crc32c
+
+    def read(i: int) -> list[np.ndarray]:
+        out = []
+        for m in MODALITIES:
+            with open(path / m / "c" / str(i // per_shard) / "0" / "0" / "0", "rb") as f:
+                f.seek(-index_bytes, 2)
+                index = np.frombuffer(f.read(index_bytes)[:-4], "<u8").reshape(-1, 2)
+                offset, nbytes = (int(v) for v in index[i % per_shard])
+                shape = (len(BANDS[m]), size, size)
+                if offset == EMPTY:  # chunk never written: all fill value (modality absent)
+                    out.append(np.full(shape, NODATA[m], PIXEL_DTYPES[m]))
+                    continue
+                f.seek(offset)
+                chunk = numcodecs.blosc.decompress(f.read(nbytes))
+            out.append(np.frombuffer(chunk, PIXEL_DTYPES[m]).reshape(shape))
+        return out
+
+    return read
+
+
+def write_geotiffs(dataset: StoreTileDataset, root: Path) -> None:
+    warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+    arrays = open_store(dataset.path)
+    for i in range(len(dataset)):
+        for m in MODALITIES:
+            pixels = arrays[m][i]
+            for b, band in enumerate(BANDS[m]):
+                profile = {
+                    "driver": "GTiff",
+                    "width": pixels.shape[2],
+                    "height": pixels.shape[1],
+                    "count": 1,
+                    "dtype": pixels.dtype.name,
+                    "compress": "deflate",
+                }
+                with rasterio.open(root / f"{i}_{m}_{band}.tif", "w", **profile) as dst:
+                    dst.write(pixels[b], 1)
+
+
+def geotiff_reader(root: Path) -> Callable[[int], list[np.ndarray]]:
+    def read(i: int) -> list[np.ndarray]:
+        out = []
+        for m in MODALITIES:
+            bands = []
+            for band in BANDS[m]:
+                with rasterio.open(root / f"{i}_{m}_{band}.tif") as src:
+                    bands.append(src.read(1))
+            out.append(np.stack(bands))
+        return out
+
+    return read
+
+
+def rate(read: Callable[[int], object], order: np.ndarray, repeats: int) -> tuple[float, float]:
+    """Tiles/s by wall clock and by this process's CPU time (all its threads)."""
+    for i in order[: min(4, len(order))]:
+        read(int(i))  # warm caches
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        for i in order:
+            read(int(i))
+    tiles = repeats * len(order)
+    return tiles / (time.perf_counter() - wall), tiles / (time.process_time() - cpu)
+
+
+def dataloader_rate(dataset: StoreTileDataset, order: np.ndarray, repeats: int) -> float:
+    loader = DataLoader(
+        dataset,
+        batch_size=4,
+        sampler=list(order) * repeats,
+        num_workers=1,
+        multiprocessing_context="spawn",
+        prefetch_factor=4,
+    )
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        count += len(batch["index"])
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--size", type=int, default=534)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store.zarr"
+        prepare_synthetic(str(store), args.samples, args.size, scheduler="sync", progress=False)
+        dataset = make_dataset(str(store))
+        tiffs = Path(tmp) / "tiffs"
+        tiffs.mkdir()
+        write_geotiffs(dataset, tiffs)
+        order = np.random.default_rng(0).permutation(args.samples)
+        rates = {
+            "loader (StoreTileDataset)": rate(dataset.__getitem__, order, args.repeats),
+            "raw read + blosc decode": rate(raw_reader(store, args.size), order, args.repeats),
+            "per-band GeoTIFF (rasterio)": rate(geotiff_reader(tiffs), order, args.repeats),
+        }
+        via_loader = dataloader_rate(dataset, order, args.repeats)
+    print(f"{args.samples} tiles of {args.size} px, S1 + S2 L1C + S2 L2A, one process")
+    print(f"{'':32s} {'wall tiles/s':>12s} {'CPU tiles/s':>12s}")
+    for name, (wall, cpu) in rates.items():
+        print(f"{name:32s} {wall:12.1f} {cpu:12.1f}")
+    print(f"{'loader via 1-worker DataLoader':32s} {via_loader:12.1f}")
+    for k, clock in enumerate(("wall", "CPU")):
+        loader = rates["loader (StoreTileDataset)"][k]
+        geotiff = loader / rates["per-band GeoTIFF (rasterio)"][k]
+        raw = loader / rates["raw read + blosc decode"][k]
+        print(
+            f"{clock:4s}: loader / GeoTIFF {geotiff:5.2f}x (goal >= 2x), "
+            f"loader / raw decode {raw:5.2f} (goal >= 0.70)"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Thin entry point: ``python data_prep/prepare.py <command> ...`` equals ``terrafm-data``."""
+
+import sys
+
+from terrafm_lightning.data.prep_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

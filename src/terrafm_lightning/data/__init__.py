@@ -1,0 +1,1 @@
+"""Zarr store, data preparation and the streaming pretraining datamodule."""

@@ -1,0 +1,302 @@
+"""``TerraFMDataModule``: streams a store (local or fsspec URL) into TerraFM pretraining batches.
+
+CPU workers (spawn/forkserver, persistent) only read and decode whole tiles
+(:class:`StoreTileDataset`); multi-crop, flips, normalisation and modality draws run batched on
+the device in :meth:`TerraFMDataModule.on_after_batch_transfer` (:class:`MultiCrop`).
+
+Mid-epoch resume: the module's ``state_dict`` holds the sampler's epoch and this rank's position
+counted in samples that reached ``on_after_batch_transfer`` during training (so DataLoader
+prefetching does not skip tiles); Lightning saves it in every checkpoint and restores it before
+it builds the train DataLoader, which then continues the epoch exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
+from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
+from terrafm_lightning.data.store import StoreError, open_store
+from terrafm_lightning.modalities import MODALITIES, check_modality
+
+log = logging.getLogger(__name__)
+
+
+class ResumableDataLoader(DataLoader):
+    """Train DataLoader whose state is its datamodule's sampler state.
+
+    Lightning then treats the loader as resumable (no "dataloader is not resumable" warning on a
+    mid-epoch resume) and restores it from the loop state too; both restores set the same state.
+    """
+
+    datamodule: TerraFMDataModule | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The datamodule's state (sampler epoch and consumed position)."""
+        return self.datamodule.state_dict() if self.datamodule is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the datamodule's sampler state."""
+        if self.datamodule is not None:
+            self.datamodule.load_state_dict(state_dict)
+
+
+class TerraFMDataModule(LightningDataModule):
+    """WorldCover-weighted, distributed, resumable streaming of a TerraFM store.
+
+    Args:
+        path: store path or fsspec URL (``s3://bucket/store.zarr``).
+        batch_size: tiles per batch and rank.
+        num_workers: DataLoader worker processes (0 reads in the main process).
+        worker_context: ``"spawn"`` or ``"forkserver"`` (zarr v3 with fork can deadlock).
+        persistent_workers: keep workers (and their open store) across epochs.
+        pin_memory: pin batches (only with an accelerator).
+        prefetch_factor: batches each worker prepares ahead.
+        storage_options: fsspec options (endpoint, credentials) for remote stores.
+        modalities: modalities the model may use (default: all the store has).
+        modality_draw: per-crop draw mode, ``"all"``, ``"one"`` or ``"subset"``.
+        modality_probability: keep probability of ``"subset"`` draws (paper: 0.5).
+        n_global_crops: global crops (teacher and student).
+        global_crop_size: global crop size in pixels.
+        global_crop_scale: area-share range of global crops.
+        n_local_crops: local crops (student only).
+        local_crop_size: local crop size in pixels.
+        local_crop_scale: area-share range of local crops.
+        hflip: random left-right flips per crop.
+        vflip: random up-down flips per crop.
+        normalisation: ``"store"`` (the store's ``stats`` attribute, documented defaults where
+            missing) or ``"default"`` (always :data:`SSL4EO_STATS`).
+        nodata_threshold: a modality with a larger nodata pixel share in a tile counts as absent.
+        tau: tempering exponent of the WorldCover weights (0: uniform; 1: class-balanced).
+        seed: sampler seed (shared by all ranks) and validation split seed.
+        samples_per_epoch: draws per epoch over all ranks (default: the training tiles).
+        high_frequency_threshold: classes with at least this store frequency are high-frequency.
+        val_fraction: share of usable tiles held out for validation (online kNN; not weighted).
+        val_batch_size: validation batch size (default ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        worker_context: Literal["spawn", "forkserver"] = "spawn",
+        persistent_workers: bool = True,
+        pin_memory: bool = True,
+        prefetch_factor: int = 2,
+        storage_options: dict[str, Any] | None = None,
+        modalities: list[str] | None = None,
+        modality_draw: DrawMode = "subset",
+        modality_probability: float = 0.5,
+        n_global_crops: int = 2,
+        global_crop_size: int = 224,
+        global_crop_scale: tuple[float, float] = (0.25, 1.0),
+        n_local_crops: int = 6,
+        local_crop_size: int = 96,
+        local_crop_scale: tuple[float, float] = (0.05, 0.25),
+        hflip: bool = True,
+        vflip: bool = True,
+        normalisation: Literal["store", "default"] = "store",
+        nodata_threshold: float = 0.5,
+        tau: float = 0.5,
+        seed: int = 0,
+        samples_per_epoch: int | None = None,
+        high_frequency_threshold: float = 0.1,
+        val_fraction: float = 0.0,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if worker_context not in ("spawn", "forkserver"):
+            raise ValueError(f"worker_context must be spawn or forkserver, got {worker_context!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= nodata_threshold <= 1.0:
+            raise ValueError(f"nodata_threshold must be in [0, 1], got {nodata_threshold}")
+        # Root attributes only; the pixel arrays are opened by each worker.
+        attrs = open_store(path, storage_options=storage_options).attrs.asdict()
+        stored = list(attrs["modalities"])
+        wanted = [check_modality(m) for m in (modalities or stored)]
+        if missing := [m for m in wanted if m not in stored]:
+            raise StoreError(f"store {path} has no modality {missing} (it has {stored})")
+        self.modalities = [m for m in MODALITIES if m in wanted]
+        self.classes = [int(c) for c in attrs["worldcover_classes"]]
+        frequencies = attrs.get("class_frequencies") or {}
+        self._class_frequencies = {int(c): float(f) for c, f in frequencies.items()}
+        if tau > 0 and not self._class_frequencies:
+            raise StoreError(
+                f"store {path} has no WorldCover class_frequencies (run `terrafm-data worldcover`)"
+                " ; use tau=0 for uniform sampling"
+            )
+        store_stats = (attrs.get("stats") or {}) if normalisation == "store" else {}
+        self.multicrop = MultiCrop(
+            modalities=self.modalities,
+            n_global=n_global_crops,
+            global_size=global_crop_size,
+            global_scale=tuple(global_crop_scale),
+            n_local=n_local_crops,
+            local_size=local_crop_size,
+            local_scale=tuple(local_crop_scale),
+            hflip=hflip,
+            vflip=vflip,
+            draw_mode=modality_draw,
+            draw_probability=modality_probability,
+            stats={m: store_stats[m] for m in self.modalities if m in store_stats},
+        )
+        self.train_dataset: StoreTileDataset | None = None
+        self.val_dataset: StoreTileDataset | None = None
+        self.train_weights: np.ndarray | None = None
+        self.skipped_samples = 0
+        self.sampler: WorldCoverWeightedSampler | None = None
+        self._progress = {"epoch": 0, "position": 0}
+        self._resume: dict[str, Any] | None = None
+
+    @property
+    def class_frequencies(self) -> dict[int, float]:
+        """WorldCover class code -> share of valid pixels in the store."""
+        return dict(self._class_frequencies)
+
+    @property
+    def high_frequency_classes(self) -> list[int]:
+        """Class codes whose frequency is at least ``high_frequency_threshold``."""
+        threshold = self.hparams.high_frequency_threshold
+        return sorted(c for c, f in self._class_frequencies.items() if f >= threshold)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the small per-sample metadata, drop unusable tiles, split train / validation."""
+        if self.train_dataset is not None:
+            return
+        hp = self.hparams
+        meta = SampleMetadata(open_store(hp.path, storage_options=hp.storage_options))
+        usable = meta.usable(self.modalities, hp.nodata_threshold)
+        keep = meta.written & usable.any(axis=1)
+        samples = np.flatnonzero(keep)
+        self.skipped_samples = int((~keep).sum())
+        if self.skipped_samples:
+            log.warning(
+                "store %s: skipping %d of %d samples (%d not written, %d without a usable "
+                "modality among %s at nodata_threshold %s)",
+                hp.path,
+                self.skipped_samples,
+                len(keep),
+                int((~meta.written).sum()),
+                int((meta.written & ~usable.any(axis=1)).sum()),
+                self.modalities,
+                hp.nodata_threshold,
+            )
+        if len(samples) == 0:
+            raise StoreError(f"store {hp.path} has no usable sample")
+        order = np.random.default_rng(hp.seed).permutation(len(samples))
+        n_val = int(round(hp.val_fraction * len(samples)))
+        parts = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
+        datasets = {
+            name: StoreTileDataset(
+                hp.path,
+                samples[part],
+                usable[samples[part]],
+                meta.worldcover_hist[samples[part]],
+                meta.dominant_class[samples[part]],
+                self.modalities,
+                hp.nodata_threshold,
+                hp.storage_options,
+            )
+            for name, part in parts.items()
+        }
+        self.train_dataset = datasets["train"]
+        self.val_dataset = datasets["val"] if n_val else None
+        frequencies = [self._class_frequencies.get(c, 0.0) for c in self.classes]
+        hist = self.train_dataset.worldcover_hist
+        self.train_weights = (
+            worldcover_tile_weights(hist, frequencies, hp.tau) if hp.tau > 0 else np.ones(len(hist))
+        )
+
+    def _loader(
+        self,
+        dataset: StoreTileDataset,
+        batch_size: int,
+        cls: type[DataLoader] = DataLoader,
+        **kw: Any,
+    ) -> DataLoader:
+        hp = self.hparams
+        workers = hp.num_workers > 0
+        return cls(
+            dataset,
+            batch_size=batch_size,
+            num_workers=hp.num_workers,
+            multiprocessing_context=hp.worker_context if workers else None,
+            persistent_workers=hp.persistent_workers and workers,
+            prefetch_factor=hp.prefetch_factor if workers else None,
+            pin_memory=hp.pin_memory and torch.accelerator.is_available(),
+            **kw,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Weighted draws, a disjoint equal share per rank, resumed mid-epoch if restored."""
+        if self.train_dataset is None:
+            self.setup("fit")
+        trainer = self.trainer
+        self.sampler = WorldCoverWeightedSampler(
+            self.train_weights,
+            samples_per_epoch=self.hparams.samples_per_epoch,
+            num_replicas=trainer.world_size if trainer is not None else None,
+            rank=trainer.global_rank if trainer is not None else None,
+            seed=self.hparams.seed,
+        )
+        if self._resume is not None:
+            self.sampler.load_state_dict(self._resume)
+            self._resume = None
+        loader = self._loader(
+            self.train_dataset,
+            self.hparams.batch_size,
+            ResumableDataLoader,
+            sampler=self.sampler,
+            drop_last=True,
+        )
+        loader.datamodule = self
+        return loader
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out tiles in store order (labels: dominant WorldCover class); empty without any."""
+        if self.train_dataset is None:
+            self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return self._loader(
+            self.val_dataset, self.hparams.val_batch_size or self.hparams.batch_size
+        )
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
+        """Training: multi-crop and modality draws; otherwise whole tiles (``whole_tiles``)."""
+        self.multicrop.to(batch["available"].device)
+        if self.trainer is not None and not self.trainer.training:
+            return self.multicrop.whole_tiles(batch)
+        if self.sampler is not None:
+            if self._progress["epoch"] != self.sampler.epoch:
+                self._progress = {"epoch": self.sampler.epoch, "position": 0}
+            self._progress["position"] += len(batch["index"])
+        return self.multicrop(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampler state with this rank's position = samples consumed by training so far."""
+        if self.sampler is None:
+            return {"sampler": dict(self._resume)} if self._resume else {}
+        position = (
+            self._progress["position"] if self._progress["epoch"] == self.sampler.epoch else 0
+        )
+        return {"sampler": self.sampler.state_dict(position=position)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the sampler (before or after the train DataLoader is built)."""
+        if "sampler" not in state_dict:
+            return
+        self._resume = dict(state_dict["sampler"])
+        self._progress = {"epoch": self._resume["epoch"], "position": self._resume["position"]}
+        if self.sampler is not None:
+            self.sampler.load_state_dict(self._resume)

@@ -1,0 +1,193 @@
+"""``terrafm-data``: build and check TerraFM Zarr stores (see ``terrafm-data <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from terrafm_lightning.data.geotiff import DEFAULT_FOLDERS, InputError, prepare_geotiff
+from terrafm_lightning.data.majortom import prepare_majortom
+from terrafm_lightning.data.parallel import PrepError, PrepReport
+from terrafm_lightning.data.stats import compute_stats
+from terrafm_lightning.data.store import Encoding, StoreError
+from terrafm_lightning.data.synthetic import prepare_synthetic
+from terrafm_lightning.data.validate import validate_store
+from terrafm_lightning.data.worldcover import prepare_worldcover
+
+
+def _parallel_options(parser: argparse.ArgumentParser, writes_pixels: bool = True) -> None:
+    parser.add_argument(
+        "--scheduler",
+        default="local",
+        help="'local' (a dask LocalCluster, default), 'sync' (in process, no dask) or the "
+        "address of a running dask scheduler (tcp://host:8786) to use many machines",
+    )
+    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
+    parser.add_argument(
+        "--storage-options", type=json.loads, default=None, help="fsspec options as JSON (S3)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip and count bad tiles instead of stopping"
+    )
+    if writes_pixels:
+        parser.add_argument(
+            "--overwrite", action="store_true", help="replace an existing store at the output"
+        )
+        parser.add_argument("--samples-per-shard", type=int, default=Encoding.samples_per_shard)
+        parser.add_argument("--codec", choices=["zstd", "lz4"], default=Encoding.cname)
+
+
+def _encoding(args: argparse.Namespace) -> Encoding:
+    return Encoding(samples_per_shard=args.samples_per_shard, cname=args.codec)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scheduler": args.scheduler,
+        "workers": args.workers,
+        "skip_bad": args.skip_bad,
+        "progress": not args.no_progress,
+        "storage_options": args.storage_options,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="terrafm-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthetic", help="write a procedural synthetic store")
+    p.add_argument("output", help="store path or URL")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--tile-size", type=int, default=534)
+    p.add_argument("--seed", type=int, default=0)
+    _parallel_options(p)
+
+    p = sub.add_parser("geotiff", help="folders of co-registered GeoTIFFs -> store")
+    p.add_argument("source", help="root with one sub-folder per modality")
+    p.add_argument("output")
+    p.add_argument("--tile-size", type=int, default=None, help="default: the raster size")
+    for m, folder in DEFAULT_FOLDERS.items():
+        p.add_argument(f"--{m.replace('_', '-')}-folder", default=folder, dest=f"folder_{m}")
+    p.add_argument("--allow-missing", action="store_true", help="keep locations lacking a modality")
+    _parallel_options(p)
+
+    p = sub.add_parser("majortom", help="Major-TOM Core parquet files -> store")
+    p.add_argument("output")
+    p.add_argument("--s1", help="Core-S1RTC folder (metadata.parquet + image parquets)")
+    p.add_argument("--s2-l1c", help="Core-S2L1C folder")
+    p.add_argument("--s2-l2a", help="Core-S2L2A folder")
+    p.add_argument("--tile-size", type=int, default=534)
+    p.add_argument("--cell-size", type=int, default=1068)
+    p.add_argument("--allow-missing", action="store_true", help="keep cells lacking a modality")
+    _parallel_options(p)
+
+    p = sub.add_parser("worldcover", help="WorldCover maps onto every tile of a store")
+    p.add_argument("store")
+    p.add_argument("worldcover", nargs="+", help="WorldCover GeoTIFF/COG files or folders")
+    p.add_argument(
+        "--drop-water-above", type=float, default=None, help="drop tiles with more water"
+    )
+    p.add_argument("--keep-water-share", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    _parallel_options(p, writes_pixels=False)
+
+    p = sub.add_parser("stats", help="exact per-band mean/std written into the store")
+    p.add_argument("store")
+    p.add_argument("--scheduler", default="local")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--storage-options", type=json.loads, default=None)
+
+    p = sub.add_parser("validate", help="check a store against the format")
+    p.add_argument("store")
+    p.add_argument("--deep-samples", type=int, default=16, help="samples checked pixel-wise")
+    p.add_argument("--storage-options", type=json.loads, default=None)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed command; returns the exit status."""
+    report: PrepReport | None = None
+    if args.command == "synthetic":
+        report = prepare_synthetic(
+            args.output,
+            args.samples,
+            args.tile_size,
+            args.seed,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "geotiff":
+        folders = {m: getattr(args, f"folder_{m}") for m in DEFAULT_FOLDERS}
+        report = prepare_geotiff(
+            args.source,
+            args.output,
+            args.tile_size,
+            folders,
+            not args.allow_missing,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "majortom":
+        roots = {
+            m: v
+            for m, v in (("s1", args.s1), ("s2_l1c", args.s2_l1c), ("s2_l2a", args.s2_l2a))
+            if v
+        }
+        if not roots:
+            raise InputError("give at least one of --s1, --s2-l1c, --s2-l2a")
+        report = prepare_majortom(
+            roots,
+            args.output,
+            args.tile_size,
+            args.cell_size,
+            not args.allow_missing,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "worldcover":
+        report = prepare_worldcover(
+            args.store,
+            args.worldcover,
+            drop_water_above=args.drop_water_above,
+            keep_water_share=args.keep_water_share,
+            seed=args.seed,
+            **_run_options(args),
+        )
+    elif args.command == "stats":
+        stats = compute_stats(args.store, args.storage_options, args.scheduler, args.workers)
+        for m, s in stats.items():
+            print(f"{m}: mean {[round(v, 2) for v in s['mean']]}")
+            print(f"{' ' * len(m)}  std  {[round(v, 2) for v in s['std']]}")
+    else:
+        problems = validate_store(args.store, args.deep_samples, args.storage_options)
+        for problem in problems:
+            print(f"problem: {problem}")
+        print(f"{args.store}: {'valid' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    if report is not None:
+        print(report.summary())
+        for reason in report.skipped.values():
+            print(f"skipped {reason}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: errors on bad input print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, PrepError, StoreError) as err:
+        print(f"terrafm-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""WorldCover-weighted, distributed, resumable sampling of store tiles.
+
+Tile weight (inverse class frequency, tempered)::
+
+    w_i = sum_c h_ic * f_c ** (-tau)
+
+``h_ic`` is tile i's WorldCover histogram (shares over the 11 classes, summing to 1 over its valid
+pixels), ``f_c`` the store-wide frequency of class c and ``tau`` the tempering exponent: ``tau = 0``
+samples tiles uniformly, ``tau = 1`` makes every class equally likely in expectation (full inverse
+frequency). Classes absent from the store (``f_c = 0``) contribute nothing; a tile without any
+valid WorldCover pixel gets weight 1, the weight every tile has at ``tau = 0``.
+
+All ranks draw the same with-replacement stream from a generator seeded by ``(seed, epoch)`` and
+rank r keeps positions r, r + R, r + 2R, ... of it, so the ranks' shares are disjoint, equally long
+and together are exactly the stream a single process would draw. Draws are independent over the
+whole dataset, so every batch mixes tiles from as many chunks/shards as it has samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+
+def worldcover_tile_weights(
+    histograms: np.ndarray, class_frequencies: Sequence[float], tau: float
+) -> np.ndarray:
+    """Per-tile sampling weights ``w_i = sum_c h_ic * f_c ** (-tau)`` (see the module docstring).
+
+    Args:
+        histograms: (N, K) WorldCover class shares per tile.
+        class_frequencies: (K,) store-wide class frequencies in the same class order.
+        tau: tempering exponent, >= 0.
+
+    Returns:
+        (N,) float64 weights, all > 0.
+    """
+    hist = np.asarray(histograms, dtype=np.float64)
+    freq = np.asarray(class_frequencies, dtype=np.float64)
+    if hist.ndim != 2 or hist.shape[1] != freq.shape[0]:
+        raise ValueError(
+            f"histograms of shape {hist.shape} do not match {freq.shape[0]} class frequencies"
+        )
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    if not np.isfinite(hist).all() or (hist < 0).any():
+        raise ValueError("WorldCover histograms must be finite and non-negative")
+    present = freq > 0
+    class_weight = np.zeros_like(freq)
+    class_weight[present] = freq[present] ** (-tau)
+    weights = hist @ class_weight
+    weights[hist[:, present].sum(axis=1) <= 0] = 1.0
+    return weights
+
+
+class WorldCoverWeightedSampler(DistributedSampler):
+    """Weighted with-replacement sampler whose ranks split one ``(seed, epoch)`` stream.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` so that Lightning (and anything
+    else that checks for a distributed sampler) keeps it instead of wrapping it in a second
+    distributed sampler; Lightning calls :meth:`set_epoch` at every epoch.
+
+    Args:
+        weights: (N,) non-negative per-tile weights (:func:`worldcover_tile_weights`); the sampler
+            yields positions 0..N-1 into them.
+        samples_per_epoch: draws per epoch over all ranks (default N), rounded up to a multiple
+            of the number of ranks so every rank gets the same count (:attr:`num_samples` each).
+        num_replicas: number of ranks (default: the process group's world size, else 1).
+        rank: this rank (default: the process group's rank, else 0).
+        seed: base seed shared by all ranks.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] | np.ndarray,
+        samples_per_epoch: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        probabilities = np.asarray(weights, dtype=np.float64)
+        if probabilities.ndim != 1 or probabilities.size == 0:
+            raise ValueError("weights must be a non-empty 1-D sequence")
+        if not np.isfinite(probabilities).all() or (probabilities < 0).any():
+            raise ValueError("weights must be finite and non-negative")
+        if probabilities.sum() <= 0:
+            raise ValueError("at least one weight must be positive")
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        total = probabilities.size if samples_per_epoch is None else samples_per_epoch
+        if total <= 0:
+            raise ValueError(f"samples_per_epoch must be positive, got {total}")
+        # DistributedSampler's own bookkeeping (num_samples, total_size) is replaced below.
+        super().__init__(range(probabilities.size), num_replicas=num_replicas, rank=rank, seed=seed)
+        self.probabilities = probabilities / probabilities.sum()
+        self.num_samples = math.ceil(total / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.position = 0
+        self._resume_epoch: int | None = None
+        self._resume_position = 0
+
+    def stream(self, epoch: int) -> np.ndarray:
+        """The full stream of draws of ``epoch``, identical on every rank."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.choice(self.probabilities.size, size=self.total_size, p=self.probabilities)
+
+    def __iter__(self) -> Iterator[int]:
+        start = self._resume_position if self._resume_epoch == self.epoch else 0
+        self._resume_epoch, self._resume_position = None, 0
+        share = self.stream(self.epoch)[self.rank :: self.num_replicas]
+        for position in range(start, self.num_samples):
+            self.position = position + 1  # samples handed out so far, this one included
+            yield int(share[position])
+
+    def __len__(self) -> int:
+        """Draws per epoch on this rank (the full count, also when resuming mid-epoch)."""
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's stream; a new epoch starts at position 0."""
+        if epoch != self.epoch:
+            self.position = 0
+        super().set_epoch(epoch)
+
+    def state_dict(self, position: int | None = None) -> dict[str, Any]:
+        """Resume state: seed, epoch, rank count and this rank's position in its share.
+
+        Args:
+            position: override the position; the datamodule passes the number of samples the
+                model consumed, because DataLoader prefetching runs the sampler ahead of training.
+        """
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position if position is None else position,
+            "num_replicas": self.num_replicas,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration of ``state["epoch"]`` continue at ``state["position"]``."""
+        mismatched = {
+            key: (state[key], getattr(self, key))
+            for key in ("seed", "num_replicas", "num_samples")
+            if key in state and state[key] != getattr(self, key)
+        }
+        if mismatched:
+            raise ValueError(
+                "cannot resume the sampler: saved vs current settings differ: "
+                + ", ".join(f"{k}={saved} vs {now}" for k, (saved, now) in mismatched.items())
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._resume_epoch, self._resume_position = self.epoch, self.position

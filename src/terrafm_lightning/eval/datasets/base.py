@@ -1,0 +1,230 @@
+"""Shared machinery of the benchmark datamodules: splits, band mapping, resizing, loaders.
+
+Every datamodule yields batches ``{modality: float32 (B, C, S, S) normalised, "label": ...}``
+and exposes ``num_classes``, ``multilabel``, ``task`` (``"classification"`` or
+``"segmentation"``) and ``ignore_index`` so the CLI can link them into the probe.
+
+Input size: the backbone needs multiples of 16. ``img_size=None`` rounds the native size to the
+nearest multiple of 16 (EuroSAT / GEO-Bench 64 -> 64, BigEarthNet 120 -> 128, Sen1Floods11
+512 -> 512); images are resized bilinearly (antialiased). Segmentation labels keep their native
+grid: the probe upsamples its logits to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from terrafm_lightning.eval.band_mapping import BandMapping, MissingBands, map_bands
+from terrafm_lightning.modalities import check_modality
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+Sample = dict[str, Tensor]
+Task = Literal["classification", "segmentation"]
+
+
+def input_size(native: int, img_size: int | None) -> int:
+    """The model input size: ``img_size`` or ``native`` rounded to a multiple of 16 (>= 16)."""
+    size = img_size if img_size is not None else max(16, int(native / 16 + 0.5) * 16)
+    if size % 16 or size <= 0:
+        raise ValueError(f"img_size must be a positive multiple of 16, got {size}")
+    return size
+
+
+def resize(x: Tensor, size: int) -> Tensor:
+    """Bilinear (antialiased) resize of (C, H, W) to (C, size, size); no-op when equal."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0]
+
+
+def read_tif(path: Path) -> np.ndarray:
+    """All bands of a GeoTIFF as (C, H, W) float32, nodata values as NaN.
+
+    Raises:
+        ValueError: naming the file when rasterio cannot read it.
+    """
+    try:
+        with rasterio.open(path) as src:
+            data = src.read(masked=src.nodata is not None)
+    except rasterio.RasterioIOError as err:
+        raise ValueError(f"{path}: unreadable GeoTIFF ({err})") from err
+    return np.ma.filled(data.astype(np.float32), np.nan)
+
+
+def read_split_file(path: Path) -> list[str]:
+    """Non-empty lines (first comma-separated field) of a split file, extension-less."""
+    names = [line.split(",")[0].strip() for line in path.read_text().splitlines()]
+    names = [Path(n).name for n in names]
+    names = [Path(n).stem if n.lower().endswith((".tif", ".jpg", ".png")) else n for n in names]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"{path}: empty split file")
+    return names
+
+
+def fallback_split(
+    names: Sequence[str], seed: int, source: str, fractions: Sequence[float] = (0.6, 0.2, 0.2)
+) -> dict[str, list[str]]:
+    """Deterministic random 60/20/20 split, with a warning that no official split was found."""
+    warnings.warn(
+        f"{source}: no official split files; using a seeded {fractions} split", stacklevel=2
+    )
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_train = int(len(order) * fractions[0])
+    n_val = int(len(order) * fractions[1])
+    return {
+        "train": order[:n_train],
+        "val": order[n_train : n_train + n_val],
+        "test": order[n_train + n_val :],
+    }
+
+
+class SampleDataset(Dataset):
+    """A list of sample keys and a function loading one sample dict."""
+
+    def __init__(self, keys: Sequence[Any], load: Callable[[Any], Sample]) -> None:
+        self.keys = list(keys)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.load(self.keys[index])
+
+
+class EvalDataModule(LightningDataModule):
+    """Base of the benchmark datamodules.
+
+    Subclasses set ``num_classes``, ``multilabel``, ``task``, ``ignore_index`` in ``__init__``
+    and implement :meth:`split_keys` and :meth:`load`.
+
+    Args:
+        root: dataset folder.
+        modalities: the modalities to feed the backbone (several -> fusion).
+        batch_size: samples per batch.
+        num_workers: DataLoader worker processes.
+        img_size: model input size (multiple of 16); None rounds the native size.
+        missing_bands: ``"error"`` or ``"fill"`` for stem bands the data lacks (see
+            :mod:`~terrafm_lightning.eval.band_mapping`).
+        stats: per-modality ``{"mean", "std"}`` in stem band order (default: SSL4EO-S12, the
+            pretraining default; pass the pretraining store's statistics when they differ).
+        seed: seed of the fallback split when no official split files exist.
+    """
+
+    task: Task = "classification"
+    num_classes: int
+    multilabel: bool = False
+    ignore_index: int | None = None
+    supported: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        root: str | Path,
+        modalities: Sequence[str],
+        batch_size: int = 32,
+        num_workers: int = 0,
+        img_size: int | None = None,
+        missing_bands: MissingBands = "error",
+        stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{type(self).__name__}: dataset folder not found: {root}")
+        if not modalities:
+            raise ValueError(f"{type(self).__name__}: give at least one modality")
+        for m in modalities:
+            check_modality(m)
+            if m not in self.supported:
+                raise ValueError(
+                    f"{type(self).__name__}: modality {m!r} not in this dataset "
+                    f"(has {list(self.supported)})"
+                )
+        self.modalities = list(modalities)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.img_size = img_size
+        self.missing_bands = missing_bands
+        self.stats = dict(stats or {})
+        self.seed = seed
+        self.datasets: dict[str, SampleDataset] = {}
+        self._mappings: dict[tuple[str, tuple[str, ...]], BandMapping] = {}
+
+    @property
+    def filled_bands(self) -> list[str]:
+        """Stem bands mean-filled so far (``missing_bands="fill"``), as ``modality:band``."""
+        return sorted({f"{m.modality}:{b}" for m in self._mappings.values() for b in m.missing})
+
+    def band_mapping(self, modality: str, bands: Sequence[str], source: str) -> BandMapping:
+        """The (cached) :class:`BandMapping` of ``bands`` onto ``modality``'s stem."""
+        key = (modality, tuple(bands))
+        if key not in self._mappings:
+            self._mappings[key] = map_bands(
+                bands,
+                modality,
+                missing=self.missing_bands,
+                stats=self.stats.get(modality),
+                source=source,
+            )
+        return self._mappings[key]
+
+    def prepare(self, x: np.ndarray, modality: str, bands: Sequence[str], source: str) -> Tensor:
+        """Map bands, normalise and resize one (C, H, W) image to the model input."""
+        image = self.band_mapping(modality, bands, source)(x)
+        return resize(image, input_size(image.shape[-1], self.img_size))
+
+    def split_keys(self) -> dict[str, list[Any]]:
+        """Sample keys of the ``train``, ``val`` and ``test`` splits."""
+        raise NotImplementedError
+
+    def load(self, key: Any) -> Sample:
+        """One sample: ``{modality: (C, S, S), "label": ...}``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the splits (once) and check none is empty."""
+        if self.datasets:
+            return
+        for split, keys in self.split_keys().items():
+            if not keys:
+                raise ValueError(f"{type(self).__name__}: split {split!r} of {self.root} is empty")
+            self.datasets[split] = SampleDataset(keys, self.load)
+        log.info("%s: %s", type(self).__name__, {s: len(d) for s, d in self.datasets.items()})
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")

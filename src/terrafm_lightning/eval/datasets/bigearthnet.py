@@ -1,0 +1,209 @@
+"""BigEarthNet v1 (S2 L2A and S1 patch folders) with the 19-class nomenclature.
+
+Layout: ``root`` holds an S2 folder (patch folders with ``<patch>_B01.tif`` ... ``_B12.tif`` and
+``<patch>_labels_metadata.json``; e.g. ``BigEarthNet-v1.0``) and/or an S1 folder (patch folders
+with ``<patch>_VV.tif``, ``<patch>_VH.tif`` and a metadata JSON naming its
+``corresponding_s2_patch``; e.g. ``BigEarthNet-S1-v1.0``); both are found by content. Official
+splits: ``{train,val,test}.csv`` in ``root`` listing S2 patch names (first column); otherwise a
+seeded 60/20/20 split with a warning. S2 bands at 20 m and 60 m are resampled bilinearly to the
+10 m grid (120 px) before stacking. The 43 CORINE labels map to the 19 classes of Sumbul et al.
+(2021); the labels without a 19-class counterpart (e.g. airports, burnt areas) are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from terrafm_lightning.eval.datasets.base import (
+    SPLITS,
+    EvalDataModule,
+    Sample,
+    fallback_split,
+    read_split_file,
+    read_tif,
+    resize,
+)
+from terrafm_lightning.modalities import BANDS
+
+BEN19_CLASSES = (
+    "Urban fabric",
+    "Industrial or commercial units",
+    "Arable land",
+    "Permanent crops",
+    "Pastures",
+    "Complex cultivation patterns",
+    "Land principally occupied by agriculture, with significant areas of natural vegetation",
+    "Agro-forestry areas",
+    "Broad-leaved forest",
+    "Coniferous forest",
+    "Mixed forest",
+    "Natural grassland and sparsely vegetated areas",
+    "Moors, heathland and sclerophyllous vegetation",
+    "Transitional woodland, shrub",
+    "Beaches, dunes, sands",
+    "Inland wetlands",
+    "Coastal wetlands",
+    "Inland waters",
+    "Marine waters",
+)
+"""The 19-class BigEarthNet nomenclature; label = index in this tuple."""
+
+CORINE_TO_BEN19: dict[str, int | None] = {
+    "Continuous urban fabric": 0,
+    "Discontinuous urban fabric": 0,
+    "Industrial or commercial units": 1,
+    "Road and rail networks and associated land": None,
+    "Port areas": None,
+    "Airports": None,
+    "Mineral extraction sites": None,
+    "Dump sites": None,
+    "Construction sites": None,
+    "Green urban areas": None,
+    "Sport and leisure facilities": None,
+    "Non-irrigated arable land": 2,
+    "Permanently irrigated land": 2,
+    "Rice fields": 2,
+    "Vineyards": 3,
+    "Fruit trees and berry plantations": 3,
+    "Olive groves": 3,
+    "Annual crops associated with permanent crops": 3,
+    "Pastures": 4,
+    "Complex cultivation patterns": 5,
+    "Land principally occupied by agriculture, with significant areas of natural vegetation": 6,
+    "Agro-forestry areas": 7,
+    "Broad-leaved forest": 8,
+    "Coniferous forest": 9,
+    "Mixed forest": 10,
+    "Natural grassland": 11,
+    "Sparsely vegetated areas": 11,
+    "Moors and heathland": 12,
+    "Sclerophyllous vegetation": 12,
+    "Transitional woodland/shrub": 13,
+    "Beaches, dunes, sands": 14,
+    "Bare rock": None,
+    "Burnt areas": None,
+    "Inland marshes": 15,
+    "Peatbogs": 15,
+    "Salt marshes": 16,
+    "Salines": 16,
+    "Intertidal flats": None,
+    "Water courses": 17,
+    "Water bodies": 17,
+    "Coastal lagoons": 18,
+    "Estuaries": 18,
+    "Sea and ocean": 18,
+}
+"""The 43 BigEarthNet v1 CORINE labels -> 19-class index (None: no counterpart, dropped)."""
+
+S2_NATIVE_SIZE = 120
+"""BigEarthNet patches are 120x120 px at 10 m."""
+
+
+def ben19_target(labels: Sequence[str], source: str) -> torch.Tensor:
+    """Multi-hot (19,) float target of a patch's CORINE label names."""
+    unknown = [name for name in labels if name not in CORINE_TO_BEN19]
+    if unknown:
+        raise ValueError(f"{source}: unknown BigEarthNet labels {unknown}")
+    target = torch.zeros(len(BEN19_CLASSES))
+    for name in labels:
+        if CORINE_TO_BEN19[name] is not None:
+            target[CORINE_TO_BEN19[name]] = 1.0
+    return target
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable labels metadata ({err})") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
+        raise ValueError(f"{path}: no 'labels' list")
+    return meta
+
+
+def patch_folders(root: Path, marker: str) -> dict[str, Path] | None:
+    """Patch folders of the first sub-folder of ``root`` whose patches hold ``*<marker>``."""
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        patches = sorted(p for p in sub.iterdir() if p.is_dir())
+        if patches and (patches[0] / f"{patches[0].name}{marker}").is_file():
+            return {p.name: p for p in patches}
+    return None
+
+
+class BigEarthNetDataModule(EvalDataModule):
+    """BigEarthNet v1, multilabel over the 19-class nomenclature, S2 L2A and/or S1.
+
+    Args:
+        root: folder holding the S2 and/or S1 patch folders (and the split CSVs).
+        modalities: any of ``s2_l2a`` and ``s1``; both -> fusion of the paired patches.
+        **kwargs: :class:`EvalDataModule` arguments.
+    """
+
+    num_classes = len(BEN19_CLASSES)
+    multilabel = True
+    supported = ("s1", "s2_l2a")
+
+    def __init__(
+        self, root: str | Path, modalities: Sequence[str] = ("s2_l2a",), **kwargs: Any
+    ) -> None:
+        super().__init__(root, modalities, **kwargs)
+        self.s2 = patch_folders(self.root, "_B02.tif")
+        s1 = patch_folders(self.root, "_VV.tif")
+        if (self.s2 is None and "s2_l2a" in self.modalities) or (s1 is None and "s1" in modalities):
+            raise FileNotFoundError(
+                f"{self.root}: no BigEarthNet {'S2' if self.s2 is None else 'S1'} patch folders "
+                "(sub-folders of patch folders with <patch>_B02.tif / <patch>_VV.tif)"
+            )
+        # S1 patches are keyed by the S2 patch they pair with.
+        self.s1: dict[str, Path] = {}
+        for name, folder in (s1 or {}).items():
+            meta = _read_json(folder / f"{name}_labels_metadata.json")
+            self.s1[meta.get("corresponding_s2_patch", name)] = folder
+
+    def split_keys(self) -> dict[str, list[str]]:  # noqa: D102
+        available = set(self.s2 if self.s2 is not None else self.s1)
+        if "s1" in self.modalities:
+            available &= set(self.s1)
+        csvs = [self.root / f"{s}.csv" for s in SPLITS]
+        if all(f.is_file() for f in csvs):
+            names = {s: read_split_file(f) for s, f in zip(SPLITS, csvs, strict=True)}
+            absent = sorted({n for ns in names.values() for n in ns} - available)
+            if absent:
+                raise FileNotFoundError(
+                    f"{self.root}: {len(absent)} split patches not found, e.g. {absent[:3]}"
+                )
+            return names
+        return fallback_split(sorted(available), self.seed, str(self.root))
+
+    def _s2_image(self, folder: Path) -> np.ndarray:
+        bands = []
+        for band in BANDS["s2_l2a"]:
+            path = folder / f"{folder.name}_{band}.tif"
+            if not path.is_file():
+                raise FileNotFoundError(f"{folder}: missing band file {path.name}")
+            bands.append(resize(torch.from_numpy(read_tif(path)), S2_NATIVE_SIZE))
+        return torch.cat(bands).numpy()
+
+    def load(self, key: str) -> Sample:  # noqa: D102
+        sample: Sample = {}
+        if "s1" in self.modalities:
+            folder = self.s1[key]
+            image = np.concatenate(
+                [read_tif(folder / f"{folder.name}_{b}.tif") for b in ("VV", "VH")]
+            )
+            sample["s1"] = self.prepare(image, "s1", BANDS["s1"], str(folder))
+            meta_path = folder / f"{folder.name}_labels_metadata.json"
+        if "s2_l2a" in self.modalities:
+            folder = self.s2[key]
+            sample["s2_l2a"] = self.prepare(
+                self._s2_image(folder), "s2_l2a", BANDS["s2_l2a"], str(folder)
+            )
+            meta_path = folder / f"{key}_labels_metadata.json"
+        sample["label"] = ben19_target(_read_json(meta_path)["labels"], str(meta_path))
+        return sample

@@ -1,0 +1,51 @@
+"""Full fine-tuning with layer-wise learning-rate decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.optim import param_groups_layer_decay
+
+from terrafm_lightning.eval.linear_probe import LinearProbe
+
+
+class FineTune(LinearProbe):
+    """:class:`LinearProbe` with the backbone unfrozen and layer-wise lr decay.
+
+    The learning rate of layer i (stem = 0, blocks 1..depth with the final norm in the last,
+    head = depth + 1) is ``lr * layer_decay ** (depth + 1 - i)``; biases, norms and
+    ``no_weight_decay()`` tensors get no weight decay (timm's ``param_groups_layer_decay``).
+
+    Args:
+        layer_decay: per-layer lr factor (BEiT/MAE convention; 0.75 for ViT-B).
+        lr: base (head) learning rate.
+        weight_decay: weight decay of matrices.
+        **kwargs: :class:`LinearProbe` arguments.
+    """
+
+    def __init__(
+        self,
+        layer_decay: float = 0.75,
+        lr: float = 1e-4,
+        weight_decay: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        kwargs["frozen"] = False
+        super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Group parameters for timm: stem, one group per block (final norm with the last), head."""
+        return {
+            "stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed)",
+            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))],
+        }
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Layer-decayed parameter groups with their lr scale folded into ``lr``."""
+        no_decay = [f"backbone.{name}" for name in self.backbone.no_weight_decay()]
+        groups = param_groups_layer_decay(
+            self, self.hparams.weight_decay, no_decay, layer_decay=self.hparams.layer_decay
+        )
+        for group in groups:
+            group["lr"] = self.hparams.lr * group.pop("lr_scale")
+        return groups

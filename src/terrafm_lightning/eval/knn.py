@@ -1,0 +1,218 @@
+"""kNN evaluation on frozen CLS features (TerraFM section 7: cosine, k=20, exp(sim / 0.07)).
+
+Offline: :func:`knn_scores` / :func:`knn_evaluate` (features in, scores / metrics out) and the
+:class:`KNNProbe` module (``terrafm validate|test``). Online: :class:`KNNCallback` evaluates the
+pretraining teacher every N epochs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
+from torch import Tensor, nn
+
+from terrafm_lightning.eval.metrics import classification_metrics
+from terrafm_lightning.eval.task import BackboneTask, Batch
+from terrafm_lightning.modalities import MODALITIES
+
+
+def knn_scores(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    multilabel: bool = False,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Weighted kNN class scores of the queries.
+
+    Neighbours are the ``k`` training features of highest cosine similarity ``s``, each voting
+    with weight ``exp(s / temperature)``. Multiclass: the score of class c is the weight share of
+    neighbours labelled c (argmax = prediction). Multilabel: one binary kNN per class over the
+    same neighbours, i.e. the weight share of neighbours carrying label c (> 0.5 = positive).
+
+    Args:
+        train_features: (N, d) bank features.
+        train_labels: (N,) int class indices, or (N, C) multi-hot when ``multilabel``.
+        query_features: (Q, d).
+        num_classes: C.
+        k: neighbours (capped at N).
+        temperature: similarity temperature.
+        multilabel: multi-hot labels.
+        chunk_size: queries per similarity block (bounds memory).
+
+    Returns:
+        (Q, C) scores in [0, 1], rows summing to 1 when multiclass.
+    """
+    if train_features.shape[0] != train_labels.shape[0]:
+        raise ValueError(
+            f"{train_features.shape[0]} training features but {train_labels.shape[0]} labels"
+        )
+    bank = F.normalize(train_features.float(), dim=1)
+    votes = (
+        train_labels.float() if multilabel else F.one_hot(train_labels.long(), num_classes).float()
+    )
+    k = min(k, bank.shape[0])
+    out = []
+    for queries in F.normalize(query_features.float(), dim=1).split(chunk_size):
+        sim, idx = (queries @ bank.T).topk(k, dim=1)
+        weights = (sim / temperature).exp()
+        out.append(torch.einsum("qk,qkc->qc", weights, votes[idx]) / weights.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
+def knn_evaluate(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    multilabel: bool = False,
+) -> dict[str, float]:
+    """Weighted-kNN metrics: ``top1``, ``f1_macro`` (or ``f1_micro``, ``f1_macro``, ``map``)."""
+    scores = knn_scores(
+        train_features,
+        train_labels,
+        query_features,
+        num_classes,
+        k=k,
+        temperature=temperature,
+        multilabel=multilabel,
+    )
+    metrics = classification_metrics(num_classes, multilabel)
+    metrics.update(scores, query_labels.long())
+    return {name: float(value) for name, value in metrics.compute().items()}
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
+    """CLS features and labels of every batch, on the CPU; the backbone is put in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    features, labels = [], []
+    for batch in batches:
+        inputs = {m: batch[m].to(device) for m in MODALITIES if m in batch}
+        features.append(backbone(inputs).float().cpu())
+        labels.append(batch["label"])
+    backbone.train(was_training)
+    if not features:
+        raise ValueError("no batches to extract features from (empty dataset?)")
+    return torch.cat(features), torch.cat(labels)
+
+
+class KNNProbe(BackboneTask):
+    """kNN evaluation as a module: ``terrafm validate|test`` with a labelled datamodule.
+
+    The feature bank is built from the datamodule's training split at the start of each
+    validation / test epoch; nothing is trained. Logs ``<stage>/knn/<metric>``.
+
+    Args:
+        num_classes: number of classes (linked from the datamodule by the CLI).
+        multilabel: multi-hot labels (linked from the datamodule).
+        k: neighbours.
+        temperature: similarity temperature.
+        **kwargs: :class:`BackboneTask` arguments (backbone source).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        multilabel: bool = False,
+        k: int = 20,
+        temperature: float = 0.07,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.metric_prefix = "knn/"
+        self.metrics = nn.ModuleDict(
+            {s: classification_metrics(num_classes, multilabel) for s in ("val", "test")}
+        )
+        self.bank: tuple[Tensor, Tensor] | None = None
+
+    def _build_bank(self) -> None:
+        loader = self.trainer.datamodule.train_dataloader()
+        features, labels = extract_features(self.backbone, loader, self.device)
+        self.bank = (features.to(self.device), labels.to(self.device))
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._build_bank()
+
+    def on_test_epoch_start(self) -> None:  # noqa: D102
+        self._build_bank()
+
+    def evaluate(self, batch: Batch, stage: str) -> None:  # noqa: D102
+        hp = self.hparams
+        scores = knn_scores(
+            *self.bank,
+            self.backbone(self.inputs(batch)),
+            hp.num_classes,
+            k=hp.k,
+            temperature=hp.temperature,
+            multilabel=hp.multilabel,
+        )
+        self.metrics[stage].update(scores, batch["label"].long())
+
+
+class KNNCallback(Callback):
+    """Online kNN during pretraining on a labelled datamodule, every ``every_n_epochs``.
+
+    Features come from ``pl_module.teacher.backbone`` when the module has a teacher, else from
+    ``pl_module.backbone``. The bank is the datamodule's training split, the queries its
+    validation split. Logs ``knn/top1`` (multiclass) or ``knn/f1_micro`` (multilabel), plus the
+    other metrics of :func:`knn_evaluate` under ``knn/``.
+
+    Args:
+        datamodule: labelled evaluation datamodule exposing ``num_classes`` and ``multilabel``.
+        every_n_epochs: evaluation period in training epochs.
+        k: neighbours.
+        temperature: similarity temperature.
+    """
+
+    def __init__(
+        self,
+        datamodule: LightningDataModule,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.datamodule = datamodule
+        self.every_n_epochs = every_n_epochs
+        self.k = k
+        self.temperature = temperature
+        self._ready = False
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
+        if (trainer.current_epoch + 1) % self.every_n_epochs or trainer.sanity_checking:
+            return
+        if not self._ready:
+            self.datamodule.setup("fit")
+            self._ready = True
+        teacher = getattr(pl_module, "teacher", None)
+        backbone = teacher.backbone if teacher is not None else pl_module.backbone
+        dm = self.datamodule
+        bank = extract_features(backbone, dm.train_dataloader(), pl_module.device)
+        queries = extract_features(backbone, dm.val_dataloader(), pl_module.device)
+        metrics = knn_evaluate(
+            *bank,
+            *queries,
+            dm.num_classes,
+            k=self.k,
+            temperature=self.temperature,
+            multilabel=dm.multilabel,
+        )
+        pl_module.log_dict({f"knn/{name}": value for name, value in metrics.items()})

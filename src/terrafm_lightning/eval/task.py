@@ -1,0 +1,181 @@
+"""The shared base of every downstream task: a TerraFM backbone from a checkpoint or weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from terrafm_lightning.modalities import MODALITIES
+from terrafm_lightning.models import TerraFM, load_released_weights
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Tensor]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is unreadable or has no ``state_dict``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretraining checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: no 'state_dict' (not a Lightning checkpoint)")
+    return ckpt
+
+
+def checkpoint_architecture(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Backbone factory name and keyword arguments from a checkpoint's hyper-parameters."""
+    hparams = ckpt.get("hyper_parameters", {})
+    return hparams.get("backbone", "terrafm_base"), dict(hparams.get("backbone_kwargs") or {})
+
+
+def load_pretraining_backbone(
+    path: str | Path, branch: str = "teacher", backbone_kwargs: dict[str, Any] | None = None
+) -> TerraFM:
+    """Build the backbone of a ``TerraFMPretrainModule`` checkpoint and load its weights.
+
+    The architecture comes from the checkpoint's ``hyper_parameters`` (``backbone``,
+    ``backbone_kwargs``); ``backbone_kwargs`` given here override non-architectural entries
+    such as ``drop_path_rate``.
+
+    Args:
+        path: Lightning checkpoint, read with ``torch.load(weights_only=True)``.
+        branch: ``"teacher"`` (default, the EMA network used for evaluation) or ``"student"``.
+        backbone_kwargs: overrides of the checkpoint's backbone arguments.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is unreadable or lacks the branch's backbone tensors.
+    """
+    if branch not in ("teacher", "student"):
+        raise ValueError(f"checkpoint_branch must be 'teacher' or 'student', got {branch!r}")
+    ckpt = read_checkpoint(path)
+    name, kwargs = checkpoint_architecture(ckpt)
+    kwargs.update(backbone_kwargs or {})
+    prefix = f"{branch}.backbone."
+    state = {
+        k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
+    }
+    if not state:
+        roots = sorted({k.split(".")[0] for k in ckpt["state_dict"]})
+        raise ValueError(f"{path}: no '{prefix}*' tensors; top-level keys are {roots}")
+    model = timm.create_model(name, **kwargs)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: {branch} backbone does not fit {name}({kwargs}): {err}") from err
+    log.info("loaded %s backbone %s from %s", branch, name, path)
+    return model
+
+
+class BackboneTask(LightningModule):
+    """LightningModule base holding ``self.backbone``, loaded from one of three sources.
+
+    Exactly one source applies: a pretraining ``checkpoint`` (teacher by default), the
+    ``released_weights`` of TerraFM-B/-L, or random initialisation (the baseline) when neither
+    is given. Batches are dicts of modality -> normalised (B, C, H, W) plus ``"label"``.
+
+    Args:
+        backbone: timm factory name, e.g. ``terrafm_base`` (ignored with ``checkpoint``, whose
+            hyper-parameters name the architecture).
+        backbone_kwargs: factory keyword arguments (with ``checkpoint``: overrides).
+        checkpoint: path of a ``TerraFMPretrainModule`` checkpoint.
+        checkpoint_branch: ``"teacher"`` or ``"student"``.
+        released_weights: path of ``TerraFM-B.pth`` / ``TerraFM-L.pth``.
+        frozen: freeze the backbone and keep it in eval mode (norms, drop-path) while training.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "terrafm_base",
+        backbone_kwargs: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        checkpoint_branch: str = "teacher",
+        released_weights: str | None = None,
+        frozen: bool = True,
+    ) -> None:
+        super().__init__()
+        if checkpoint and released_weights:
+            raise ValueError("give either checkpoint or released_weights, not both")
+        if checkpoint:
+            self.backbone = load_pretraining_backbone(
+                checkpoint, checkpoint_branch, backbone_kwargs
+            )
+        else:
+            self.backbone = timm.create_model(backbone, **(backbone_kwargs or {}))
+            if released_weights:
+                load_released_weights(self.backbone, released_weights)
+        self.frozen = frozen
+        self.metric_prefix = ""
+        self.metrics = nn.ModuleDict()  # stage -> MetricCollection, filled by subclasses
+        if frozen:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> BackboneTask:
+        """Set training mode, keeping a frozen backbone in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    @staticmethod
+    def inputs(batch: Batch) -> dict[str, Tensor]:
+        """The modality tensors of a batch (every given modality is present in every row)."""
+        return {m: batch[m] for m in MODALITIES if m in batch}
+
+    def tokens(self, batch: Batch) -> Tensor:
+        """Backbone CLS + patch tokens, (B, 1 + N, d); without autograd when frozen."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.backbone.forward_features(self.inputs(batch))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over :meth:`param_groups` with a per-step cosine schedule."""
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr)
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: every trainable parameter, weight decay from hparams."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": self.hparams.weight_decay}]
+
+    def evaluate(self, batch: Batch, stage: str) -> None:
+        """Update ``self.metrics[stage]`` (and log losses) for one ``val``/``test`` batch."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:  # noqa: D102
+        self.evaluate(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:  # noqa: D102
+        self.evaluate(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.log_dict({f"{stage}/{self.metric_prefix}{k}": v for k, v in values.items()})
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._log_metrics("test")

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: DINO head, loss, centring, schedules, EMA and the module."""

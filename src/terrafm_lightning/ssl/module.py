@@ -1,0 +1,357 @@
+"""TerraFM self-distillation pretraining as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from typing import Any, Literal
+
+import lightning as L
+import timm
+import torch
+from torch import Tensor, nn
+
+from terrafm_lightning.modalities import BANDS
+from terrafm_lightning.models import TerraFM
+from terrafm_lightning.ssl.centering import Centering, DualCentering
+from terrafm_lightning.ssl.ema import ema_update
+from terrafm_lightning.ssl.head import DINOHead
+from terrafm_lightning.ssl.loss import dino_loss
+from terrafm_lightning.ssl.schedules import WarmupCosine
+
+
+class StudentTeacher(nn.Module):
+    """A backbone and its DINO head (the student or the teacher)."""
+
+    def __init__(self, backbone: TerraFM, head: DINOHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+
+def _concat_views(
+    views: list[dict[str, Tensor]], presences: list[Tensor]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Stack same-size crops along the batch so one backbone call embeds them all.
+
+    A modality missing from one crop's dict is filled with zeros (its presence is False there).
+    """
+    names = sorted({m for view in views for m in view})
+    ref = next(iter(views[0].values()))
+    batch, size = ref.shape[0], ref.shape[-2:]
+    inputs = {
+        m: torch.cat(
+            [v[m] if m in v else ref.new_zeros(batch, len(BANDS[m]), *size) for v in views]
+        )
+        for m in names
+    }
+    return inputs, torch.cat(presences)
+
+
+class TerraFMPretrainModule(L.LightningModule):
+    """DINO-style student/EMA-teacher pretraining of a TerraFM backbone with dual centring.
+
+    Consumes the pretraining batch of ``docs/contracts.md`` (global/local crops with per-crop
+    presence masks, produced by ``TerraFMDataModule``). All schedules are per optimizer step
+    (so they are correct under gradient accumulation) and derive from ``trainer.global_step``,
+    so a resumed run continues them exactly.
+
+    Args:
+        backbone: backbone factory name (``terrafm_tiny|small|base|large``, timm registry).
+        backbone_kwargs: extra factory arguments (e.g. ``depth``, ``modalities``).
+        drop_path_rate: stochastic depth of the student (the teacher has none).
+        num_prototypes: K of the DINO head.
+        head_hidden_dim: DINO head MLP width.
+        head_bottleneck_dim: DINO head bottleneck width.
+        norm_last_layer: fix the prototype norms to 1 (DINO's ``norm_last_layer``).
+        centering: ``"dual"`` (TerraFM) or ``"dino"`` (plain DINO centring).
+        center_momentum: EMA momentum of the centre(s).
+        dual_alpha: weight of the global centre in dual centring.
+        class_frequencies: WorldCover class code -> pixel share of the store (linked from the
+            datamodule; recorded in the checkpoint's hyper-parameters).
+        high_frequency_classes: WorldCover codes whose samples update ``c_h`` (linked from the
+            datamodule; required for dual centring).
+        lr: peak learning rate after warm-up (DINO: 5e-4 x global batch / 256).
+        min_lr: learning rate at the end of the cosine.
+        warmup_epochs: linear learning-rate warm-up length.
+        weight_decay: weight decay at the start of the cosine.
+        weight_decay_end: weight decay at the end.
+        layer_decay: layer-wise lr decay factor (1.0 disables it).
+        momentum_teacher: EMA momentum at the start (cosine to ``momentum_teacher_end``).
+        momentum_teacher_end: EMA momentum at the end.
+        warmup_teacher_temp: teacher temperature at step 0.
+        teacher_temp: teacher temperature after its warm-up.
+        teacher_temp_warmup_epochs: length of the linear teacher temperature warm-up.
+        student_temp: student temperature.
+        freeze_last_layer_epochs: the head's prototype layer gets no updates this long.
+        seed: seeds the per-batch random stream (crops, modality draws, drop-path), so a
+            resumed run draws exactly what an uninterrupted one draws.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "terrafm_base",
+        backbone_kwargs: dict[str, Any] | None = None,
+        drop_path_rate: float = 0.1,
+        num_prototypes: int = 65536,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        centering: Literal["dual", "dino"] = "dual",
+        center_momentum: float = 0.9,
+        dual_alpha: float = 0.8,
+        class_frequencies: dict[int, float] | None = None,
+        high_frequency_classes: list[int] | None = None,
+        lr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10.0,
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.4,
+        layer_decay: float = 1.0,
+        momentum_teacher: float = 0.996,
+        momentum_teacher_end: float = 1.0,
+        warmup_teacher_temp: float = 0.04,
+        teacher_temp: float = 0.06,
+        teacher_temp_warmup_epochs: float = 30.0,
+        student_temp: float = 0.1,
+        freeze_last_layer_epochs: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if class_frequencies is not None and high_frequency_classes is not None:
+            unknown = sorted(set(high_frequency_classes) - set(class_frequencies))
+            if unknown:
+                raise ValueError(
+                    f"high_frequency_classes {unknown} are not in class_frequencies "
+                    f"{sorted(class_frequencies)}"
+                )
+        kwargs = dict(backbone_kwargs or {})
+
+        def make(drop_path: float) -> StudentTeacher:
+            net = timm.create_model(backbone, **{**kwargs, "drop_path_rate": drop_path})
+            head = DINOHead(
+                net.embed_dim, num_prototypes, head_hidden_dim, head_bottleneck_dim, norm_last_layer
+            )
+            return StudentTeacher(net, head)
+
+        self.student = make(drop_path_rate)
+        self.teacher = make(0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        if centering == "dual":
+            if not high_frequency_classes:
+                raise ValueError(
+                    "centering='dual' needs high_frequency_classes (linked from the datamodule "
+                    "by the CLI, or given explicitly); use centering='dino' for plain DINO"
+                )
+            self.centering: Centering = DualCentering(
+                num_prototypes, high_frequency_classes, center_momentum, dual_alpha
+            )
+        elif centering == "dino":
+            self.centering = Centering(num_prototypes, center_momentum)
+        else:
+            raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
+        self._schedules: dict[str, WarmupCosine] = {}
+        self._freeze_last_layer_steps = 0
+        self._last_step_time: float | None = None
+
+    # ----------------------------------------------------------------------------- setup
+    def configure_model(self) -> None:
+        """Shard student and teacher alike with FSDP2 under ``ModelParallelStrategy``.
+
+        Every transformer block, then each whole network, becomes an FSDP unit, so the
+        teacher's shards line up with the student's and the EMA update stays local.
+        Under other strategies this does nothing (``FSDPStrategy`` wraps by its own policy).
+        """
+        if self._device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for net in (self.student, self.teacher):
+            for block in net.backbone.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(net, mesh=mesh)
+
+    def train(self, mode: bool = True) -> TerraFMPretrainModule:
+        """Set train/eval mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: decay / no-decay, optionally split per layer for layer-wise lr decay."""
+        backbone = self.student.backbone
+        no_wd = {f"backbone.{name}" for name in backbone.no_weight_decay()}
+        depth = len(backbone.blocks)
+        layer_decay = self.hparams.layer_decay
+        groups: dict[tuple[bool, int], dict[str, Any]] = {}
+        for name, param in self.student.named_parameters():
+            if not param.requires_grad:
+                continue
+            decay = param.ndim > 1 and not name.endswith(".bias") and name not in no_wd
+            layer = depth + 1  # final norm and head
+            if name.startswith("backbone.blocks."):
+                layer = int(name.split(".")[2]) + 1
+            elif name.startswith("backbone.") and not name.startswith("backbone.norm."):
+                layer = 0  # stems, fusion, tokens, position embedding
+            if layer_decay == 1.0:
+                layer = depth + 1
+            group = groups.setdefault(
+                (decay, layer),
+                {"params": [], "lr_scale": layer_decay ** (depth + 1 - layer), "decay": decay},
+            )
+            group["params"].append(param)
+        return list(groups.values())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``."""
+        return torch.optim.AdamW(self._param_groups(), lr=self.hparams.lr, weight_decay=0.0)
+
+    def on_fit_start(self) -> None:
+        """Build the per-step schedules from the trainer's step counts."""
+        hp = self.hparams
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        batches = self.trainer.num_training_batches
+        per_epoch = (
+            max(1, int(batches) // self.trainer.accumulate_grad_batches)
+            if math.isfinite(batches)
+            else total
+        )
+
+        def steps(epochs: float) -> int:
+            return min(total, round(epochs * per_epoch))
+
+        self._schedules = {
+            "lr": WarmupCosine(hp.lr, hp.min_lr, total, steps(hp.warmup_epochs)),
+            "weight_decay": WarmupCosine(hp.weight_decay, hp.weight_decay_end, total),
+            "momentum": WarmupCosine(hp.momentum_teacher, hp.momentum_teacher_end, total),
+            "teacher_temp": WarmupCosine(
+                hp.teacher_temp,
+                hp.teacher_temp,
+                total,
+                steps(hp.teacher_temp_warmup_epochs),
+                hp.warmup_teacher_temp,
+            ),
+        }
+        self._freeze_last_layer_steps = steps(hp.freeze_last_layer_epochs)
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """Every scheduled value at optimizer step ``step``."""
+        if not self._schedules:
+            raise RuntimeError("schedules are built in on_fit_start: run this module via fit")
+        return {name: schedule(step) for name, schedule in self._schedules.items()}
+
+    # ---------------------------------------------------------------------------- forward
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Reseed the global RNG from (seed, epoch, batch, rank) before each training batch.
+
+        The on-device multi-crop, the modality draws and the student's drop-path all draw from
+        the global stream, so each training batch is a pure function of its position and a run
+        resumed from a checkpoint draws exactly what an uninterrupted run draws.
+        """
+        if self.trainer.training:
+            batch_idx = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            key = f"{self.hparams.seed}/{self.current_epoch}/{batch_idx}/{self.global_rank}"
+            torch.manual_seed(zlib.crc32(key.encode()))
+        return batch
+
+    def _student_teacher_logits(
+        self,
+        batch: dict[str, Any],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw student logits (n_crops, B, K), teacher logits (n_global, B, K), student CLS."""
+        n_global = len(batch["global_crops"])
+        batch_size = batch["dominant_class"].shape[0]
+        with torch.no_grad():
+            inputs, presence = _concat_views(batch["global_crops"], batch["teacher_presence"])
+            teacher = self.teacher.head(self.teacher.backbone(inputs, presence))
+        feats = [
+            self.student.backbone(*_concat_views(crops, presences))
+            for crops, presences in (
+                (batch["global_crops"], batch["student_presence"][:n_global]),
+                (batch["local_crops"], batch["student_presence"][n_global:]),
+            )
+            if crops
+        ]
+        cls = torch.cat(feats)
+        student = self.student.head(cls)
+        return (
+            student.view(-1, batch_size, student.shape[-1]),
+            teacher.view(n_global, batch_size, -1),
+            cls[: n_global * batch_size],
+        )
+
+    def _loss(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
+        student, teacher, cls = self._student_teacher_logits(batch)
+        teacher_probs = torch.softmax(self.centering(teacher.float()) / teacher_temp, dim=-1)
+        loss = dino_loss(student, teacher_probs, self.hparams.student_temp)
+        entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean()
+        feature_std = torch.nn.functional.normalize(cls.detach().float(), dim=-1).std(0).mean()
+        return {"loss": loss, "teacher": teacher, "entropy": entropy, "feature_std": feature_std}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """DINO loss of one (micro-)batch; updates the centres; stops on a non-finite loss."""
+        step = self.trainer.global_step
+        values = self.schedule_values(step)
+        out = self._loss(batch, values["teacher_temp"])
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite DINO loss ({loss.item()}) at optimizer step {step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}): stopping; lower the lr or "
+                "check the input batch"
+            )
+        dominant = batch["dominant_class"]
+        self.centering.update(out["teacher"], dominant)
+        now = time.perf_counter()
+        logs = {
+            "loss": loss.detach(),
+            **values,
+            "teacher_entropy": out["entropy"],
+            "student_feature_std": out["feature_std"],
+            **self.centering.norms(),
+        }
+        if self.hparams.high_frequency_classes:
+            hf = torch.tensor(self.hparams.high_frequency_classes, device=dominant.device)
+            logs["high_frequency_share"] = torch.isin(dominant, hf).float().mean()
+        if self._last_step_time is not None:
+            logs["samples_per_sec"] = (
+                dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
+            )
+        self._last_step_time = now
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
+        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        return loss
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Teacher CLS features of whole-tile evaluation batches (``inputs``, ``presence``)."""
+        return {
+            "index": batch["index"],
+            "features": self.teacher.backbone(batch["inputs"], batch["presence"]),
+        }
+
+    # ------------------------------------------------------------------------ optimisation
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the prototype layer's gradients while it is frozen (before clipping)."""
+        if self.trainer.global_step < self._freeze_last_layer_steps:
+            for param in self.student.head.last_layer.parameters():
+                param.grad = None
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: torch.optim.Optimizer,
+        optimizer_closure: Any = None,
+    ) -> None:
+        """Set this step's lr and weight decay, step, then update the EMA teacher."""
+        values = self.schedule_values(self.trainer.global_step)
+        for group in optimizer.param_groups:
+            group["lr"] = values["lr"] * group["lr_scale"]
+            group["weight_decay"] = values["weight_decay"] if group["decay"] else 0.0
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        ema_update(self.teacher, self.student, values["momentum"])
