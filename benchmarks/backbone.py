@@ -1,9 +1,9 @@
 """Backbone forward+backward speed and peak memory: ours vs a plain reference, in one run.
 
-CPU (default): ``terrafm_base``, batch 8, 224 px, S2-L2A, float32, next to
-:class:`ReferenceTerraFM` (explicit softmax attention) with the same weights. Timings alternate
-between the two so machine load affects both alike; peak memory is the resident-set growth of
-one forward+backward, each in its own subprocess.
+CPU (default): ``terrafm_base``, batch 8, 224 px, S2-L2A, next to :class:`ReferenceTerraFM`
+(explicit softmax attention) with the same weights, in float32 and under bf16 autocast. Timings
+alternate between the two so machine load affects both alike; peak memory is the resident-set
+growth of one forward+backward, each in its own subprocess.
 
 GPU (``--device cuda``): bf16 autocast images/s and MFU of forward+backward for ours.
 
@@ -46,15 +46,15 @@ def step(model: torch.nn.Module, which: str, x: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def peak_memory_mib(which: str, batch: int) -> float:
-    """Resident-set growth (MiB) of one forward+backward, measured in a fresh process."""
+def peak_memory_mib(which: str, batch: int, bf16: bool) -> float:
+    """Peak resident-set growth (MiB) over one forward+backward, in a fresh process."""
     code = (
         "import resource, sys, torch; sys.path.insert(0, 'benchmarks');"
         "from backbone import build, step;"
         f"m = build('{which}'); x = torch.randn({batch}, 12, 224, 224);"
-        f"step(m, '{which}', x);"  # first call allocates the caches both variants keep
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        f"step(m, '{which}', x);"
+        f"ctx = torch.autocast('cpu', torch.bfloat16, enabled={bf16});"
+        f"ctx.__enter__(); step(m, '{which}', x); ctx.__exit__(None, None, None);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -62,24 +62,27 @@ def peak_memory_mib(which: str, batch: int) -> float:
 
 
 def cpu_benchmark(batch: int, iters: int) -> dict[str, float]:
+    """Median step time and peak memory of each variant, fp32 and bf16 autocast."""
     models = {w: build(w) for w in ("ours", "reference")}
     x = torch.randn(batch, 12, 224, 224)
-    times: dict[str, list[float]] = {w: [] for w in models}
-    for w, m in models.items():
-        step(m, w, x)  # warm-up
-    for _ in range(iters):
-        for w, m in models.items():
-            start = time.perf_counter()
-            step(m, w, x)
-            times[w].append(time.perf_counter() - start)
-    med = {w: statistics.median(t) for w, t in times.items()}
-    return {
-        "ours_s": med["ours"],
-        "reference_s": med["reference"],
-        "speedup": med["reference"] / med["ours"],
-        "ours_peak_mib": peak_memory_mib("ours", batch),
-        "reference_peak_mib": peak_memory_mib("reference", batch),
-    }
+    result: dict[str, float] = {}
+    for precision in ("fp32", "bf16"):
+        times: dict[str, list[float]] = {w: [] for w in models}
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            for w, m in models.items():
+                step(m, w, x)  # warm-up
+            for _ in range(iters):
+                for w, m in models.items():
+                    start = time.perf_counter()
+                    step(m, w, x)
+                    times[w].append(time.perf_counter() - start)
+        for w, t in times.items():
+            result[f"{w}_{precision}_s"] = statistics.median(t)
+            result[f"{w}_{precision}_peak_mib"] = peak_memory_mib(w, batch, precision == "bf16")
+        result[f"speedup_{precision}"] = (
+            result[f"reference_{precision}_s"] / result[f"ours_{precision}_s"]
+        )
+    return result
 
 
 def gpu_benchmark(batch: int, iters: int) -> dict[str, float]:
@@ -118,12 +121,14 @@ def main() -> None:
     }
     if args.device == "cpu":
         result = cpu_benchmark(args.batch, args.iters)
-        print(
-            f"forward+backward terrafm_base b={args.batch} 224px S2-L2A fp32 CPU: "
-            f"ours {result['ours_s']:.2f} s, reference {result['reference_s']:.2f} s, "
-            f"speedup {result['speedup']:.2f}x (goal >= 1.3x); peak memory ours "
-            f"{result['ours_peak_mib']:.0f} MiB vs reference {result['reference_peak_mib']:.0f} MiB"
-        )
+        for p in ("fp32", "bf16"):
+            print(
+                f"{p}: forward+backward terrafm_base b={args.batch} 224px S2-L2A CPU: ours "
+                f"{result[f'ours_{p}_s']:.2f} s, reference {result[f'reference_{p}_s']:.2f} s, "
+                f"speedup {result[f'speedup_{p}']:.2f}x (goal >= 1.3x); peak memory ours "
+                f"{result[f'ours_{p}_peak_mib']:.0f} MiB, reference "
+                f"{result[f'reference_{p}_peak_mib']:.0f} MiB"
+            )
     else:
         result = gpu_benchmark(args.batch, args.iters)
         machine["gpu"] = torch.cuda.get_device_name()

@@ -29,12 +29,11 @@ def test_every_probe_config_parses(config, capsys):
     assert printed["data"]["class_path"].endswith("DataModule")
 
 
-def test_knn_validate_on_real_geobench_samples():
+def test_knn_validate_on_real_geobench_samples(tmp_path):
     root = shared_path("data", "geobench_v1", "brick_kiln_v1.0")
     config = EXPERIMENTS / "probe_knn_geobench.yaml"
-    cli = run_cli(
-        ["validate", "--config", str(config), "--data.init_args.root", str(root), *TINY, *QUIET]
-    )
+    args = ["--config", str(config), "--data.init_args.root", str(root), *TINY, *QUIET]
+    cli = run_cli(["validate", *args, "--trainer.default_root_dir", str(tmp_path)])
     assert cli.model.hparams.num_classes == 2 and not cli.model.hparams.multilabel  # linked
     assert 0 <= float(cli.trainer.callback_metrics["val/knn/top1"]) <= 1
 
@@ -48,6 +47,7 @@ def test_linear_probe_fit_then_test_through_the_cli(tmp_path):
         str(root),
     ]
     args += ["--data.init_args.num_workers", "0", "--data.init_args.img_size", "32", *TINY, *QUIET]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
     cli = run_cli(["fit", *args, "--trainer.max_epochs", "1"])
     assert cli.model.hparams.num_classes == 10 and cli.model.head.out_features == 10
     assert "val/top1" in cli.trainer.callback_metrics
@@ -64,6 +64,7 @@ def test_segmentation_probe_links_ignore_index(tmp_path):
         str(root),
     ]
     args += ["--data.init_args.num_workers", "0", "--trainer.max_epochs", "1", *TINY, *QUIET]
+    args += ["--trainer.default_root_dir", str(tmp_path)]
     cli = run_cli(["fit", *args])
     assert cli.model.hparams.ignore_index == -1 and cli.model.hparams.num_classes == 2
     assert "val/miou" in cli.trainer.callback_metrics

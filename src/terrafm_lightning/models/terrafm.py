@@ -74,7 +74,13 @@ class TerraFM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (timm convention)."""
-        return {"pos_embed", "cls_token", "patch_embed.fusion.queries", "patch_embed.fusion.score"}
+        tokens = {f"patch_embed.{m}_embed" for m in self.modalities}
+        return tokens | {
+            "pos_embed",
+            "cls_token",
+            "patch_embed.fusion.queries",
+            "patch_embed.fusion.score",
+        }
 
     def presence_mask(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
         """Validate ``inputs`` and return the (B, 3) bool presence mask.
