@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import timm
 import torch
 from lightning import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -22,6 +21,7 @@ import terrafm_lightning.data.datamodule  # noqa: F401
 import terrafm_lightning.eval  # noqa: F401
 import terrafm_lightning.ssl.module  # noqa: F401
 from terrafm_lightning.models import export_released_weights
+from terrafm_lightning.models.checkpoints import load_pretraining_backbone
 
 
 class TerraFMCLI(LightningCLI):
@@ -54,24 +54,8 @@ def export_backbone(ckpt: str | Path, out: str | Path, student: bool = False) ->
     Raises:
         ValueError: if ``ckpt`` is not a pretraining checkpoint.
     """
-    ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
-    prefix = "student.backbone." if student else "teacher.backbone."
-    state = {
-        k.removeprefix(prefix): v
-        for k, v in checkpoint.get("state_dict", {}).items()
-        if k.startswith(prefix)
-    }
-    hparams = checkpoint.get("hyper_parameters", {})
-    if not state or "backbone" not in hparams:
-        raise ValueError(
-            f"{ckpt}: not a TerraFMPretrainModule checkpoint (no {prefix}* tensors or no "
-            "'backbone' hyper-parameter)"
-        )
-    model = timm.create_model(hparams["backbone"], **(hparams.get("backbone_kwargs") or {}))
-    model.load_state_dict(state)
+    model = load_pretraining_backbone(ckpt, "student" if student else "teacher")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(export_released_weights(model), out)
     return out

@@ -13,7 +13,7 @@ from terrafm_lightning.data.majortom import prepare_majortom
 from terrafm_lightning.data.parallel import PrepError, PrepReport
 from terrafm_lightning.data.stats import compute_stats
 from terrafm_lightning.data.store import Encoding, StoreError
-from terrafm_lightning.data.synthetic import prepare_synthetic
+from terrafm_lightning.data.synthetic import GAIN_RANGE, prepare_synthetic
 from terrafm_lightning.data.validate import validate_store
 from terrafm_lightning.data.worldcover import prepare_worldcover
 
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--tile-size", type=int, default=534)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gain-range",
+        type=float,
+        nargs=2,
+        default=GAIN_RANGE,
+        metavar=("LOW", "HIGH"),
+        help="range of the per-tile S2 illumination gain (wider: harder land-cover task)",
+    )
     _parallel_options(p)
 
     p = sub.add_parser("geotiff", help="folders of co-registered GeoTIFFs -> store")
@@ -118,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
             args.samples,
             args.tile_size,
             args.seed,
+            tuple(args.gain_range),
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),

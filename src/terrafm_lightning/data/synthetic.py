@@ -95,6 +95,9 @@ WAVELENGTH_UM = np.array(
 # TOA/BOA transmittance per band; B09 sits in a water-vapour absorption band.
 TRANSMITTANCE = np.array([0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.94, 0.95, 0.95, 0.6, 0.96, 0.95])
 SPECKLE_LOOKS = 4.0
+GAIN_RANGE = (0.9, 1.1)
+"""Default range of the per-tile S2 illumination gain (a wider range makes the tiles' mean
+spectrum a weaker cue of their land cover; the demo uses one)."""
 P_MISSING = {"s1": 0.1, "s2_l1c": 0.05, "s2_l2a": 0.05}
 P_NODATA_REGION = 0.1
 
@@ -139,7 +142,9 @@ def _nodata_region(rng: np.random.Generator, size: int) -> np.ndarray:
     return a * (yy - 0.5) + b * (xx - 0.5) > rng.uniform(0.3, 0.6)
 
 
-def synthetic_scene(seed: int, index: int, size: int = 534) -> Sample:
+def synthetic_scene(
+    seed: int, index: int, size: int = 534, gain_range: tuple[float, float] = GAIN_RANGE
+) -> Sample:
     """The synthetic sample ``index`` of dataset ``seed`` (4 tiles per fake grid cell)."""
     cell, tile_index = divmod(index, 4)
     rng = np.random.default_rng([seed, index])
@@ -147,7 +152,7 @@ def synthetic_scene(seed: int, index: int, size: int = 534) -> Sample:
     texture = smooth_fields(rng, 1, size, max(size // 8, 2))[0]
     gain = 1 + _TEXTURE[classes] * texture
     noise = 1 + 0.03 * rng.standard_normal((12, size, size), dtype=np.float32)
-    l2a = _SPECTRA[classes].transpose(2, 0, 1) * gain * noise * rng.uniform(0.9, 1.1)
+    l2a = _SPECTRA[classes].transpose(2, 0, 1) * gain * noise * rng.uniform(*gain_range)
     aerosol = rng.uniform(300, 1200)
     path = aerosol * (WAVELENGTH_UM / WAVELENGTH_UM[0]) ** -1.5
     l1c = l2a * TRANSMITTANCE[:, None, None] + path[:, None, None].astype(np.float32)
@@ -208,6 +213,7 @@ def prepare_synthetic(
     n_samples: int,
     tile_size: int = 534,
     seed: int = 0,
+    gain_range: tuple[float, float] = GAIN_RANGE,
     *,
     encoding: Encoding | None = None,
     overwrite: bool = False,
@@ -218,12 +224,16 @@ def prepare_synthetic(
 
     ``run_options`` go to :func:`parallel.run_shards` (scheduler, workers, progress, ...).
     """
+    if not 0 < gain_range[0] <= gain_range[1]:
+        raise ValueError(f"gain_range must satisfy 0 < low <= high, got {gain_range}")
     plan = {"kind": "synthetic", "n_samples": n_samples, "tile_size": tile_size, "seed": seed}
+    if tuple(gain_range) != GAIN_RANGE:  # stores written before the option keep their digest
+        plan["gain_range"] = list(gain_range)
     root = create_or_resume(
         path, n_samples, tile_size, MODALITIES, plan, encoding, overwrite, storage_options
     )
     root.attrs["source"] = f"terrafm-data synthetic (seed {seed})"
-    make = partial(synthetic_scene, seed, size=tile_size)
+    make = partial(synthetic_scene, seed, size=tile_size, gain_range=tuple(gain_range))
     task = partial(sample_shard_task, path, storage_options, make)
     report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
     update_class_frequencies(root)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -12,75 +11,12 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from terrafm_lightning.modalities import MODALITIES
-from terrafm_lightning.models import TerraFM, load_released_weights
+from terrafm_lightning.models import load_released_weights
+from terrafm_lightning.models.checkpoints import load_pretraining_backbone
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint read with ``torch.load(weights_only=True)``.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is unreadable or has no ``state_dict``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretraining checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: no 'state_dict' (not a Lightning checkpoint)")
-    return ckpt
-
-
-def checkpoint_architecture(ckpt: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Backbone factory name and keyword arguments from a checkpoint's hyper-parameters."""
-    hparams = ckpt.get("hyper_parameters", {})
-    return hparams.get("backbone", "terrafm_base"), dict(hparams.get("backbone_kwargs") or {})
-
-
-def load_pretraining_backbone(
-    path: str | Path, branch: str = "teacher", backbone_kwargs: dict[str, Any] | None = None
-) -> TerraFM:
-    """Build the backbone of a ``TerraFMPretrainModule`` checkpoint and load its weights.
-
-    The architecture comes from the checkpoint's ``hyper_parameters`` (``backbone``,
-    ``backbone_kwargs``); ``backbone_kwargs`` given here override non-architectural entries
-    such as ``drop_path_rate``.
-
-    Args:
-        path: Lightning checkpoint, read with ``torch.load(weights_only=True)``.
-        branch: ``"teacher"`` (default, the EMA network used for evaluation) or ``"student"``.
-        backbone_kwargs: overrides of the checkpoint's backbone arguments.
-
-    Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is unreadable or lacks the branch's backbone tensors.
-    """
-    if branch not in ("teacher", "student"):
-        raise ValueError(f"checkpoint_branch must be 'teacher' or 'student', got {branch!r}")
-    ckpt = read_checkpoint(path)
-    name, kwargs = checkpoint_architecture(ckpt)
-    kwargs.update(backbone_kwargs or {})
-    prefix = f"{branch}.backbone."
-    state = {
-        k.removeprefix(prefix): v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)
-    }
-    if not state:
-        roots = sorted({k.split(".")[0] for k in ckpt["state_dict"]})
-        raise ValueError(f"{path}: no '{prefix}*' tensors; top-level keys are {roots}")
-    model = timm.create_model(name, **kwargs)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"{path}: {branch} backbone does not fit {name}({kwargs}): {err}") from err
-    log.info("loaded %s backbone %s from %s", branch, name, path)
-    return model
 
 
 class BackboneTask(LightningModule):

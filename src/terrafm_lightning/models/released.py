@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
+from terrafm_lightning.models.checkpoints import read_torch_file
 from terrafm_lightning.models.terrafm import TerraFM
 
 log = logging.getLogger(__name__)
@@ -20,13 +20,7 @@ def _read_state_dict(path_or_state_dict: str | Path | dict[str, Tensor]) -> dict
     if isinstance(path_or_state_dict, dict):
         state = path_or_state_dict
     else:
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"released weights not found: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for corrupt or foreign files
-            raise ValueError(f"{path}: not a readable torch state dict ({err})") from err
+        state = read_torch_file(path_or_state_dict, "released weights")
     # Some checkpoints wrap the weights ({"model": ...}, {"state_dict": ...}).
     for key in ("model", "state_dict", "teacher"):
         if key in state and isinstance(state[key], dict):

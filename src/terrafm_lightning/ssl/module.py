@@ -162,9 +162,12 @@ class TerraFMPretrainModule(L.LightningModule):
     def configure_model(self) -> None:
         """Shard student and teacher alike with FSDP2 under ``ModelParallelStrategy``.
 
-        Every transformer block, then each whole network, becomes an FSDP unit, so the
-        teacher's shards line up with the student's and the EMA update stays local.
-        Under other strategies this does nothing (``FSDPStrategy`` wraps by its own policy).
+        Every transformer block, then the rest of each backbone and each head, becomes an FSDP
+        unit, so the teacher's shards line up with the student's and the EMA update stays
+        local. The backbone and head are sharded rather than their ``StudentTeacher`` parent
+        because the steps call them directly: FSDP2 gathers a unit's parameters in its own
+        ``forward``. Under other strategies this does nothing (``FSDPStrategy`` wraps by its
+        own policy).
         """
         if self._device_mesh is None:
             return
@@ -174,7 +177,16 @@ class TerraFMPretrainModule(L.LightningModule):
         for net in (self.student, self.teacher):
             for block in net.backbone.blocks:
                 fully_shard(block, mesh=mesh)
-            fully_shard(net, mesh=mesh)
+            for part in (net.backbone, net.head):
+                # FSDP2 keeps a root unit whole after forward until its backward; the teacher
+                # has no backward, so it must reshard at once or EMA would meet whole tensors.
+                fully_shard(
+                    part, mesh=mesh, reshard_after_forward=True if net is self.teacher else None
+                )
+        # A modality absent from every crop of one rank leaves its stem without a gradient
+        # there; reduce-scattering zeros keeps the ranks' collectives the same size.
+        for part in (self.student.backbone, self.student.head):
+            part.set_reduce_scatter_unused_params(True)
 
     def train(self, mode: bool = True) -> TerraFMPretrainModule:
         """Set train/eval mode; the teacher always stays in eval mode."""
