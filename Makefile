@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
+.PHONY: install test lint demo eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
 
 install: $(STAMP)
 
@@ -18,6 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/python -c "import terrafm_lightning, torch, torchvision, timm"
 	touch $(STAMP)
+
+# The whole method on one CPU machine in minutes: synthetic store -> `terrafm fit --config
+# experiments/demo.yaml` -> kNN / linear probes vs random init -> report in DEMO_OUT (README.md +
+# PNGs). DUAL_CENTERING=0 runs the plain-DINO-centring ablation into its own folder.
+DUAL_CENTERING ?= 1
+DEMO_OUT ?= $(if $(filter 0,$(DUAL_CENTERING)),reports/demo-dino-centering,reports/demo)
+
+demo: install
+	$(BIN)/python -m terrafm_lightning.demo.run --out $(DEMO_OUT) \
+		$(if $(filter 0,$(DUAL_CENTERING)),--no-dual-centering)
 
 # Downstream evaluation: kNN + linear probes on every dataset found under DATA, next to the
 # random-init baseline; results.md / results.json in EVAL_OUT. CKPT = pretraining checkpoint

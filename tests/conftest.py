@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,49 @@ def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers import make_synthetic_store
 
     return make_synthetic_store(tmp_path_factory.mktemp("store") / "synthetic.zarr")
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def s3_options(port: int) -> dict:
+    """fsspec/s3fs storage options for the loopback S3 server on ``port``."""
+    return {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "us-east-1"},
+        # Fail fast once the server is gone (the unreachable-store check).
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
+
+
+def create_bucket(port: int, name: str = "bucket") -> None:
+    """Create bucket ``name`` on the loopback S3 server."""
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3_server() -> Iterator[int]:
+    """A real S3 API server (moto in server mode) on loopback; yields its port."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop()

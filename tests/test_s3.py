@@ -1,58 +1,21 @@
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.store import StoreError, open_store
+from tests.conftest import create_bucket, free_port, s3_options
 from tests.helpers import make_synthetic_store
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _options(port: int) -> dict:
-    return {
-        "endpoint_url": f"http://127.0.0.1:{port}",
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"region_name": "us-east-1"},
-        # Fail fast once the server is gone (the unreachable-store check).
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
-    }
-
-
-@pytest.fixture
-def s3_server() -> Iterator[int]:
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield port
-    finally:
-        server.stop()
 
 
 def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> None:
     local = make_synthetic_store(tmp_path / "store.zarr", n_samples=8, tile_size=32)
-    options = _options(s3_server)
-    boto3.client(
-        "s3",
-        endpoint_url=options["endpoint_url"],
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="bucket")
+    options = s3_options(s3_server)
+    create_bucket(s3_server)
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(local), "bucket/store.zarr", recursive=True)
     url = "s3://bucket/store.zarr"
@@ -85,6 +48,6 @@ def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> N
 
 
 def test_unreachable_s3_store_names_the_url() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(StoreError, match="cannot open store at s3://bucket/store.zarr"):
-        TerraFMDataModule("s3://bucket/store.zarr", storage_options=_options(port))
+        TerraFMDataModule("s3://bucket/store.zarr", storage_options=s3_options(port))

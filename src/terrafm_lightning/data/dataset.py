@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import zarr
 from torch.utils.data import Dataset
+from zarr.core.sync import sync
 
 from terrafm_lightning.data.store import WRITTEN, StoreError, open_store
 from terrafm_lightning.modalities import BANDS, MODALITIES
@@ -67,7 +69,9 @@ class StoreTileDataset(Dataset):
     worker IPC and host-to-device copies; :class:`MultiCrop` converts on the device). Nodata
     values (NaN, inf, -32768; 0 in integer arrays) become 0; a modality whose nodata pixel share
     (a pixel is nodata when any band is) exceeds ``nodata_threshold`` counts as absent and its
-    rows are all 0.
+    rows are all 0. Float tiles are scanned at read time; unsigned S2 tiles are not (their nodata
+    is 0 already and the store's ``nodata_fraction`` already decided ``usable``). The modalities
+    of a tile are read concurrently (see :meth:`_read`); pixels reach torch without a copy.
 
     Args:
         path: local store path or fsspec URL.
@@ -119,16 +123,27 @@ class StoreTileDataset(Dataset):
             self._arrays = {m: root[m] for m in self.modalities}
         return self._arrays
 
-    def _read(self, modality: str, index: int) -> np.ndarray:
-        try:
-            return self._open()[modality][index]
-        except StoreError:
-            raise
-        except Exception as err:
-            raise TileReadError(
-                f"store {self.path}: cannot read {modality} of sample {index}: "
-                f"{type(err).__name__}: {err}"
-            ) from err
+    def _read(self, index: int, modalities: Sequence[str]) -> dict[str, np.ndarray]:
+        """Whole-tile pixels of ``modalities`` for store sample ``index``.
+
+        One round trip to zarr's event loop for all modalities (``asyncio.gather`` over the async
+        arrays, the batching zarr documents for ``Array.async_array``): their shard reads and
+        decodes overlap instead of three blocking calls one after the other.
+        """
+        arrays = self._open()
+
+        async def read_all() -> list[Any]:
+            reads = (arrays[m].async_array.getitem(index) for m in modalities)
+            return await asyncio.gather(*reads, return_exceptions=True)
+
+        tiles = dict(zip(modalities, sync(read_all()), strict=True))
+        for m, tile in tiles.items():
+            if isinstance(tile, BaseException):
+                raise TileReadError(
+                    f"store {self.path}: cannot read {m} of sample {index}: "
+                    f"{type(tile).__name__}: {tile}"
+                ) from tile
+        return tiles
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         index = int(self.samples[k])
@@ -136,20 +151,21 @@ class StoreTileDataset(Dataset):
         available = self.usable[k].copy()
         fractions = {}
         out: dict[str, torch.Tensor] = {}
+        wanted = [m for column, m in enumerate(MODALITIES) if m in arrays and available[column]]
+        tiles = self._read(index, wanted)
         for column, m in enumerate(MODALITIES):
             if m not in arrays:
                 continue
-            tile = None
-            if available[column]:
-                pixels = self._read(m, index)
-                invalid = invalid_values(pixels)
+            tile = tiles.get(m)
+            # Unsigned S2 DN need no scan: nodata is 0 already, and ``usable`` was derived from
+            # the store's nodata_fraction, computed with the same definition when it was written.
+            if tile is not None and tile.dtype.kind != "u":
+                invalid = invalid_values(tile)
                 fractions[m] = float(invalid.any(axis=0).mean())
-                if fractions[m] <= self.nodata_threshold:
-                    tile = pixels
-                    if pixels.dtype.kind != "u":  # unsigned S2 DN: nodata is 0 already
-                        np.putmask(tile, invalid, 0)
-                else:
-                    available[column] = False
+                if fractions[m] > self.nodata_threshold:
+                    tile, available[column] = None, False
+                elif fractions[m] > 0:
+                    np.putmask(tile, invalid, 0)
             if tile is None:
                 size = self.tile_size
                 tile = np.zeros((len(BANDS[m]), size, size), arrays[m].dtype)

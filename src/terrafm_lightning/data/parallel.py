@@ -45,16 +45,18 @@ class TaskResult:
 
 @dataclass
 class PrepReport:
-    """Outcome of a run: samples done now, done before (resume), and skipped as bad."""
+    """Outcome of a run: samples done now, done before (resume), skipped as bad, and dropped."""
 
     done: int
     already_done: int
     skipped: dict[int, str]
+    dropped: dict[int, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the console."""
         line = f"{self.done} tiles written, {self.already_done} already done (resumed)"
-        return line + (f", {len(self.skipped)} bad tiles skipped" if self.skipped else "")
+        line += f", {len(self.skipped)} bad tiles skipped" if self.skipped else ""
+        return line + (f", {len(self.dropped)} tiles dropped" if self.dropped else "")
 
 
 def source_digest(plan: Any) -> str:

@@ -18,27 +18,50 @@ from terrafm_lightning.data.validate import validate_store
 from terrafm_lightning.data.worldcover import prepare_worldcover
 
 
-def _parallel_options(parser: argparse.ArgumentParser, writes_pixels: bool = True) -> None:
-    parser.add_argument(
+def _option_groups() -> dict[str, argparse.ArgumentParser]:
+    """Options shared by several subcommands, each defined once (argparse parent parsers)."""
+    names = ("storage", "dask", "run", "write")
+    groups = {k: argparse.ArgumentParser(add_help=False) for k in names}
+    groups["storage"].add_argument(
+        "--storage-options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='fsspec options of the store as JSON, e.g. \'{"endpoint_url": "http://..."}\' (S3)',
+    )
+    p = groups["dask"]
+    p.add_argument(
         "--scheduler",
         default="local",
+        metavar="local|sync|ADDRESS",
         help="'local' (a dask LocalCluster, default), 'sync' (in process, no dask) or the "
         "address of a running dask scheduler (tcp://host:8786) to use many machines",
     )
-    parser.add_argument("--workers", type=int, default=None, help="LocalCluster worker processes")
-    parser.add_argument(
-        "--storage-options", type=json.loads, default=None, help="fsspec options as JSON (S3)"
+    p.add_argument(
+        "--workers", type=int, default=None, help="LocalCluster worker processes (default: CPUs)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument(
+    p = groups["run"]
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
         "--skip-bad", action="store_true", help="skip and count bad tiles instead of stopping"
     )
-    if writes_pixels:
-        parser.add_argument(
-            "--overwrite", action="store_true", help="replace an existing store at the output"
-        )
-        parser.add_argument("--samples-per-shard", type=int, default=Encoding.samples_per_shard)
-        parser.add_argument("--codec", choices=["zstd", "lz4"], default=Encoding.cname)
+    p = groups["write"]
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store at the output"
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=Encoding.samples_per_shard,
+        help="samples per shard object of the pixel arrays (default: %(default)s)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["zstd", "lz4"],
+        default=Encoding.cname,
+        help="blosc compressor of the pixel arrays: zstd (smaller, default) or lz4 (faster decode)",
+    )
+    return groups
 
 
 def _encoding(args: argparse.Namespace) -> Encoding:
@@ -59,12 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command."""
     parser = argparse.ArgumentParser(prog="terrafm-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    groups = _option_groups()
+    run = [groups["storage"], groups["dask"], groups["run"]]
+    prep = [*run, groups["write"]]
+    output = "store path or URL to write (local path or fsspec URL such as s3://bucket/x.zarr)"
+    tile_size = "tile height and width in pixels"
 
-    p = sub.add_parser("synthetic", help="write a procedural synthetic store")
-    p.add_argument("output", help="store path or URL")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--tile-size", type=int, default=534)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("synthetic", parents=prep, help="write a procedural synthetic store")
+    p.add_argument("output", help=output)
+    p.add_argument("--samples", type=int, default=256, help="number of tiles (default: 256)")
+    p.add_argument("--tile-size", type=int, default=534, help=f"{tile_size} (default: 534)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (tile i is fixed by seed, i)")
     p.add_argument(
         "--gain-range",
         type=float,
@@ -73,47 +101,65 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="range of the per-tile S2 illumination gain (wider: harder land-cover task)",
     )
-    _parallel_options(p)
 
-    p = sub.add_parser("geotiff", help="folders of co-registered GeoTIFFs -> store")
+    p = sub.add_parser("geotiff", parents=prep, help="folders of co-registered GeoTIFFs -> store")
     p.add_argument("source", help="root with one sub-folder per modality")
-    p.add_argument("output")
-    p.add_argument("--tile-size", type=int, default=None, help="default: the raster size")
+    p.add_argument("output", help=output)
+    p.add_argument("--tile-size", type=int, default=None, help=f"{tile_size} (default: raster)")
     for m, folder in DEFAULT_FOLDERS.items():
-        p.add_argument(f"--{m.replace('_', '-')}-folder", default=folder, dest=f"folder_{m}")
+        p.add_argument(
+            f"--{m.replace('_', '-')}-folder",
+            default=folder,
+            dest=f"folder_{m}",
+            help=f"sub-folder of the {m} GeoTIFFs (default: {folder})",
+        )
     p.add_argument("--allow-missing", action="store_true", help="keep locations lacking a modality")
-    _parallel_options(p)
 
-    p = sub.add_parser("majortom", help="Major-TOM Core parquet files -> store")
-    p.add_argument("output")
+    p = sub.add_parser("majortom", parents=prep, help="Major-TOM Core parquet files -> store")
+    p.add_argument("output", help=output)
     p.add_argument("--s1", help="Core-S1RTC folder (metadata.parquet + image parquets)")
     p.add_argument("--s2-l1c", help="Core-S2L1C folder")
     p.add_argument("--s2-l2a", help="Core-S2L2A folder")
-    p.add_argument("--tile-size", type=int, default=534)
-    p.add_argument("--cell-size", type=int, default=1068)
+    p.add_argument("--tile-size", type=int, default=534, help=f"{tile_size} (default: 534)")
+    p.add_argument(
+        "--cell-size", type=int, default=1068, help="grid cell size in pixels (default: 1068)"
+    )
     p.add_argument("--allow-missing", action="store_true", help="keep cells lacking a modality")
-    _parallel_options(p)
 
-    p = sub.add_parser("worldcover", help="WorldCover maps onto every tile of a store")
-    p.add_argument("store")
+    p = sub.add_parser(
+        "worldcover",
+        parents=run,
+        help="WorldCover maps onto every tile of a store",
+    )
+    p.add_argument("store", help="existing store path or URL")
     p.add_argument("worldcover", nargs="+", help="WorldCover GeoTIFF/COG files or folders")
     p.add_argument(
-        "--drop-water-above", type=float, default=None, help="drop tiles with more water"
+        "--drop-water-above",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="drop tiles whose water + open-ocean share exceeds SHARE (default: keep all)",
     )
-    p.add_argument("--keep-water-share", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
-    _parallel_options(p, writes_pixels=False)
+    p.add_argument(
+        "--keep-water-share",
+        type=float,
+        default=0.02,
+        help="share of those mostly-water tiles kept anyway (default: 0.02, as the paper)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the kept water tiles")
 
-    p = sub.add_parser("stats", help="exact per-band mean/std written into the store")
-    p.add_argument("store")
-    p.add_argument("--scheduler", default="local")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--storage-options", type=json.loads, default=None)
+    p = sub.add_parser(
+        "stats",
+        parents=[groups["storage"], groups["dask"]],
+        help="exact per-band mean/std written into the store",
+    )
+    p.add_argument("store", help="store path or URL")
 
-    p = sub.add_parser("validate", help="check a store against the format")
-    p.add_argument("store")
+    p = sub.add_parser(
+        "validate", parents=[groups["storage"]], help="check a store against the format"
+    )
+    p.add_argument("store", help="store path or URL")
     p.add_argument("--deep-samples", type=int, default=16, help="samples checked pixel-wise")
-    p.add_argument("--storage-options", type=json.loads, default=None)
     return parser
 
 

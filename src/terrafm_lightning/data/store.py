@@ -39,6 +39,9 @@ METADATA_CHUNK = 65536
 WRITTEN = "written"
 WORLDCOVER_WRITTEN = "worldcover_written"
 NAT = np.datetime64("NaT", "s")
+DROPPED = "dropped:"
+"""Prefix of the ``skipped`` reason of tiles dropped on purpose (``worldcover --drop-water-above``);
+reruns of the pixel pass leave them unwritten."""
 
 
 @dataclass(frozen=True)
@@ -260,8 +263,14 @@ def store_modalities(root: zarr.Group) -> list[str]:
 
 
 def pending(root: zarr.Group, marker: str = WRITTEN) -> np.ndarray:
-    """Indices of samples whose ``marker`` flag is still False (what a resumed run must do)."""
-    return np.flatnonzero(~root[marker][:])
+    """Indices of samples whose ``marker`` flag is still False (what a resumed run must do).
+
+    Tiles dropped on purpose (``skipped`` reason starting with :data:`DROPPED`) are not redone.
+    """
+    todo = ~root[marker][:]
+    skipped = root.attrs.get("skipped", {})
+    todo[[int(i) for i, reason in skipped.items() if reason.startswith(DROPPED)]] = False
+    return np.flatnonzero(todo)
 
 
 def shard_groups(root: zarr.Group, indices: Iterable[int]) -> list[list[int]]:
@@ -387,8 +396,15 @@ def write_sample(root: zarr.Group, index: int, sample: Sample) -> None:
     write_records(root, {index: sample_record(root.attrs.asdict(), sample)})
 
 
-def update_class_frequencies(root: zarr.Group) -> dict[str, float]:
-    """Recompute ``class_frequencies`` over the valid WorldCover pixels of all written tiles."""
+def update_class_frequencies(
+    path: str, storage_options: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """Recompute ``class_frequencies`` over the valid WorldCover pixels of all written tiles.
+
+    Opens the store afresh: a group opened earlier would write back its stale attributes
+    (zarr rewrites all of them), undoing ``skipped`` entries made since.
+    """
+    root = open_store(path, mode="r+", storage_options=storage_options)
     done = root[WORLDCOVER_WRITTEN][:] & root[WRITTEN][:]
     weights = root["worldcover_valid"][:][done].astype(np.float64)
     totals = (root["worldcover_hist"][:][done].astype(np.float64) * weights[:, None]).sum(axis=0)

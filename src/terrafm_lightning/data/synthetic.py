@@ -236,6 +236,6 @@ def prepare_synthetic(
     make = partial(synthetic_scene, seed, size=tile_size, gain_range=tuple(gain_range))
     task = partial(sample_shard_task, path, storage_options, make)
     report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
-    update_class_frequencies(root)
+    update_class_frequencies(path, storage_options)
     consolidate(path, storage_options)
     return report

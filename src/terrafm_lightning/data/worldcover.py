@@ -5,7 +5,10 @@ intersect the tile (GDAL reads only the needed blocks of the 36000 px tiles), wr
 ``worldcover``, summarised into ``worldcover_hist`` / ``worldcover_valid`` / ``dominant_class``,
 and marked ``worldcover_written``. Global ``class_frequencies`` are recomputed at the end. Tiles
 that are mostly water (class 80 or open-ocean no data) can be dropped, keeping a seeded share
-(the paper keeps 2%); dropped tiles are unmarked ``written`` and listed in ``skipped``.
+(the paper keeps 2%): dropped tiles get ``written`` False (readers skip them), are listed in
+``skipped`` with a reason starting ``dropped:``, are left out of ``class_frequencies`` and are not
+redone by reruns of the pixel pass. The kept share is drawn per sample index, so rerunning the
+same command drops nothing more.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rasterio.warp import Resampling, reproject, transform_bounds
 from terrafm_lightning.data.geotiff import InputError
 from terrafm_lightning.data.parallel import PrepReport, TaskResult, guarded, run_shards
 from terrafm_lightning.data.store import (
+    DROPPED,
     WORLDCOVER_CODES,
     WORLDCOVER_NODATA,
     WORLDCOVER_WRITTEN,
@@ -111,27 +115,28 @@ def drop_water(
     keep_share: float,
     seed: int = 0,
     storage_options: Mapping[str, Any] | None = None,
-) -> int:
+) -> dict[int, str]:
     """Unmark tiles whose water + ocean share exceeds ``threshold``, keeping ``keep_share``.
 
     Returns:
-        The number of tiles dropped.
+        The dropped tiles: index -> reason (also added to the store's ``skipped``).
     """
     root = open_store(path, mode="r+", storage_options=storage_options)
     valid = root["worldcover_valid"][:]
     water = root["worldcover_hist"][:, WATER] * valid + (1 - valid)
-    candidates = np.flatnonzero(
-        (water > threshold) & root[WRITTEN][:] & root[WORLDCOVER_WRITTEN][:]
+    # One draw per sample index (not per candidate): a rerun keeps exactly the same tiles.
+    keep = np.random.default_rng(seed).random(len(valid)) < keep_share
+    dropped = np.flatnonzero(
+        (water > threshold) & ~keep & root[WRITTEN][:] & root[WORLDCOVER_WRITTEN][:]
     )
-    keep = np.random.default_rng(seed).random(len(candidates)) < keep_share
-    dropped = candidates[~keep]
-    if len(dropped):
+    reason = f"{DROPPED} water/open-ocean share > {threshold}"
+    out = {int(i): reason for i in dropped}
+    if out:
         root[WRITTEN].set_orthogonal_selection((dropped,), np.zeros(len(dropped), bool))
         skipped = dict(root.attrs.get("skipped", {}))
-        reason = f"dropped: water/open-ocean share > {threshold}"
-        skipped.update({str(int(i)): reason for i in dropped})
+        skipped.update({str(i): reason for i in out})
         root.attrs["skipped"] = skipped
-    return len(dropped)
+    return out
 
 
 def prepare_worldcover(
@@ -163,7 +168,7 @@ def prepare_worldcover(
     if not files:
         raise InputError(f"no WorldCover files in {list(worldcover)}")
     sources = worldcover_bounds(files)
-    root = open_store(path, mode="r+", storage_options=storage_options)
+    root = open_store(path, storage_options=storage_options)
     todo = np.flatnonzero(root[WRITTEN][:] & ~root[WORLDCOVER_WRITTEN][:])
     task = partial(worldcover_shard_task, path, storage_options, sources)
     report = run_shards(
@@ -176,7 +181,7 @@ def prepare_worldcover(
         **run_options,
     )
     if drop_water_above is not None:
-        drop_water(path, drop_water_above, keep_water_share, seed, storage_options)
-    update_class_frequencies(root)
+        report.dropped = drop_water(path, drop_water_above, keep_water_share, seed, storage_options)
+    update_class_frequencies(path, storage_options)
     consolidate(path, storage_options)
     return report

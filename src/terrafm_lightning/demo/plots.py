@@ -53,7 +53,8 @@ def plot_training(metrics_csv: Path, out: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), constrained_layout=True)
     for ax, (column, title) in zip(axes.flat, TRAINING_PANELS, strict=True):
         series = frame[["step", column]].dropna() if column in frame else frame.iloc[:0]
-        ax.plot(series["step"], series[column], color="tab:blue", lw=1.2)
+        marker = "o" if len(series) < 20 else None  # a line of one point is invisible
+        ax.plot(series["step"], series[column], color="tab:blue", lw=1.2, marker=marker)
         if column == "train/loss" and len(series) > 5:
             smooth = series[column].rolling(max(len(series) // 15, 2), min_periods=1).mean()
             ax.plot(series["step"], smooth, color="tab:red", lw=2, label="running mean")
@@ -94,7 +95,7 @@ def plot_class_shares(
 def _mark_rare(ax: plt.Axes, codes: Sequence[int], rare: Sequence[int]) -> None:
     for i, code in enumerate(codes):
         if code in rare:
-            ax.axvspan(i - 0.5, i + 0.5, color="tab:orange", alpha=0.12, lw=0)
+            ax.axvspan(i - 0.5, i + 0.5, color="tab:orange", alpha=0.15, lw=0, zorder=0)
 
 
 def plot_per_class_knn(
@@ -111,7 +112,9 @@ def plot_per_class_knn(
     colours = ("tab:blue", "tab:gray", "tab:purple", "tab:olive")
     for j, ((name, values), colour) in enumerate(zip(accuracies.items(), colours, strict=False)):
         heights = [100 * v if v is not None else 0.0 for v in values]
-        ax.bar(x + (j - (len(accuracies) - 1) / 2) * width, heights, width, label=name, color=colour)
+        ax.bar(
+            x + (j - (len(accuracies) - 1) / 2) * width, heights, width, label=name, color=colour
+        )
     _mark_rare(ax, codes, rare)
     labels = [
         f"{_label(c)}{' (rare)' if c in rare else ''}\nn={n}"

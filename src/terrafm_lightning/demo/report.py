@@ -25,7 +25,6 @@ def rare_class_accuracy(per_class: list[float | None], codes: list[int], rare: l
 def summary_table(results: dict[str, Any]) -> str:
     """Markdown table: protocol x metric, one column per backbone plus the margin."""
     names = list(results["backbones"])
-    pretrained, baseline = names[0], names[-1]
     rows = [
         ("kNN (k=20, cosine, T=0.07)", "top-1", "knn", "top1"),
         ("kNN", "macro F1", "knn", "f1_macro"),
@@ -42,7 +41,6 @@ def summary_table(results: dict[str, Any]) -> str:
         margin = values[0] - values[-1]
         cells = " | ".join(f"{v:.1f}" for v in values)
         lines.append(f"| {protocol} | {label} | {cells} | {margin:+.1f} |")
-    del pretrained, baseline
     return "\n".join(lines)
 
 
@@ -55,7 +53,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
     timings = " | ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items())
     centring = "dual (TerraFM)" if setup["centering"] == "dual" else "plain DINO (ablation)"
     lines = [
-        f"# TerraFM demo report ({centring} centring)",
+        f"# TerraFM demo report: {centring} centring",
         "",
         f"`{setup['backbone']}` ({setup['backbone_kwargs']}) pretrained for {setup['epochs']} "
         f"epochs ({setup['steps']} optimizer steps, batch {setup['batch_size']}) on a synthetic "
@@ -75,8 +73,7 @@ def write_report(out: Path, results: dict[str, Any]) -> Path:
         f"{100 * results['knn_top1']['random init']:.1f} % "
         f"({100 * results['knn_margin']:+.1f} points).**",
         "",
-        f"Wall time: {timings} | total {results['total_seconds']:.0f} s "
-        f"({setup['machine']}).",
+        f"Wall time: {timings} | total {results['total_seconds']:.0f} s ({setup['machine']}).",
         "",
     ]
     for name, caption in FIGURES.items():

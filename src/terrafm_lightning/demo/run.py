@@ -1,0 +1,277 @@
+"""``make demo``: synthetic store -> TerraFM pretraining -> kNN / linear probes -> report.
+
+Runs, in one process: ``terrafm-data synthetic`` (a small store with a held-out split),
+``terrafm fit --config experiments/demo.yaml`` (progress bar on), then kNN (paper protocol) and
+linear probing of the pretrained teacher against a random-init backbone of the same
+architecture, and writes ``README.md``, ``results.json`` and PNG plots into ``--out``.
+
+Usage::
+
+    python -m terrafm_lightning.demo.run                          # reports/demo
+    python -m terrafm_lightning.demo.run --no-dual-centering      # reports/demo-dino-centering
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import timm
+import torch
+
+from terrafm_lightning.cli import run_cli
+from terrafm_lightning.data import prep_cli
+from terrafm_lightning.data.datamodule import TerraFMDataModule
+from terrafm_lightning.data.multicrop import crop_resize
+from terrafm_lightning.data.store import open_store
+from terrafm_lightning.demo import plots
+from terrafm_lightning.demo.evaluate import (
+    SplitFeatures,
+    knn_results,
+    linear_probe_results,
+    tile_features,
+)
+from terrafm_lightning.demo.report import rare_class_accuracy, write_report
+from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.models import TerraFM
+
+RGB_BANDS = ("B04", "B03", "B02")
+PCA_SCALE = 2
+"""PCA maps embed tiles upsampled this much, for a finer token grid (pos. embed interpolated)."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the demo."""
+    parser = argparse.ArgumentParser(
+        prog="python -m terrafm_lightning.demo.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--config", default="experiments/demo.yaml", help="pretraining config")
+    parser.add_argument("--out", type=Path, default=None, help="report folder")
+    parser.add_argument("--work", type=Path, default=Path("outputs/demo"), help="store, logs")
+    parser.add_argument("--samples", type=int, default=800, help="synthetic tiles")
+    parser.add_argument("--tile-size", type=int, default=64, help="tile size in pixels")
+    parser.add_argument(
+        "--gain-range",
+        type=float,
+        nargs=2,
+        default=(0.5, 1.5),
+        metavar=("LOW", "HIGH"),
+        help="per-tile S2 illumination gain of the synthetic scenes (task difficulty)",
+    )
+    parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    parser.add_argument("--depth", type=int, default=None, help="override the backbone depth")
+    parser.add_argument(
+        "--no-dual-centering",
+        action="store_true",
+        help="plain DINO centring instead of TerraFM's dual centring (ablation)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="store, split and init seed")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("reports/demo-dino-centering" if args.no_dual_centering else "reports/demo")
+    return args
+
+
+def write_store(args: argparse.Namespace, store: Path) -> None:
+    """``terrafm-data synthetic`` in process (no dask cluster: the tiles are small)."""
+    command = [
+        "synthetic", str(store), "--samples", str(args.samples),
+        "--tile-size", str(args.tile_size), "--seed", str(args.seed),
+        "--gain-range", *map(str, args.gain_range), "--scheduler", "sync", "--overwrite",
+    ]  # fmt: skip
+    print("$ terrafm-data " + " ".join(command), flush=True)
+    if prep_cli.main(command):
+        raise RuntimeError(f"terrafm-data synthetic failed for {store}")
+
+
+def pretrain(args: argparse.Namespace, store: Path) -> Any:
+    """``terrafm fit --config <config>`` in process; returns the LightningCLI (model, data)."""
+    centering = "dino" if args.no_dual_centering else "dual"
+    log_dir = args.work / "pretrain" / centering
+    shutil.rmtree(log_dir, ignore_errors=True)
+    command = [
+        "fit", "--config", args.config, "--seed_everything", str(args.seed),
+        "--data.init_args.path", str(store), "--data.init_args.seed", str(args.seed),
+        "--model.init_args.centering", centering,
+        "--trainer.default_root_dir", str(args.work),
+        "--trainer.logger.init_args.save_dir", str(args.work),
+        "--trainer.logger.init_args.version", centering,
+    ]  # fmt: skip
+    if args.epochs is not None:
+        command += ["--trainer.max_epochs", str(args.epochs)]
+    if args.depth is not None:
+        command += ["--model.init_args.backbone_kwargs.depth", str(args.depth)]
+    print("$ terrafm " + " ".join(command), flush=True)
+    # LightningCLI warns when both ``args`` and ``sys.argv`` hold options: hide the demo's own.
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        return run_cli(command)
+
+
+def random_backbone(name: str, kwargs: dict[str, Any], seed: int) -> TerraFM:
+    """The random-init baseline: the same architecture, freshly initialised."""
+    torch.manual_seed(seed)
+    return timm.create_model(name, **kwargs)
+
+
+@torch.no_grad()
+def pca_figure(
+    backbones: dict[str, TerraFM], dm: TerraFMDataModule, store: Path, out: Path, n: int = 4
+) -> Path:
+    """PCA maps of held-out tiles that have every modality, one per dominant class first."""
+    dataset = dm.val_dataset
+    complete = np.flatnonzero(dataset.usable.all(axis=1))
+    order = sorted(complete, key=lambda k: (dataset.dominant_class[k], k))
+    picked, seen = [], set()
+    for k in order:  # one tile per dominant class, then fill up
+        if dataset.dominant_class[k] not in seen:
+            picked.append(k)
+            seen.add(dataset.dominant_class[k])
+    picked = (picked + [k for k in order if k not in picked])[:n]
+    batch = torch.utils.data.default_collate([dataset[int(k)] for k in picked])
+    tiles = dm.multicrop.normalise(batch)
+    size = PCA_SCALE * next(iter(tiles.values())).shape[-1]
+    boxes = torch.tensor([[0.0, 0.0, size / PCA_SCALE, size / PCA_SCALE]]).expand(len(picked), 4)
+    inputs = {m: crop_resize(x, boxes, size) for m, x in tiles.items()}
+    grid = size // 16
+    maps = {}
+    for name, backbone in backbones.items():
+        backbone.eval()
+        for modality, label in (("s2_l2a", "S2 L2A"), ("s1", "S1")):
+            presence = torch.zeros(len(picked), len(MODALITIES), dtype=torch.bool)
+            presence[:, MODALITIES.index(modality)] = True
+            tokens = backbone.forward_features(inputs, presence)[:, 1:]
+            rgb = plots.pca_rgb(tokens).reshape(len(picked), grid, grid, 3)
+            maps[f"{name}: {label}"] = rgb.numpy()
+    l2a = batch["s2_l2a"].float().numpy()
+    rgb_bands = [BANDS["s2_l2a"].index(b) for b in RGB_BANDS]
+    true_colour = np.clip(l2a[:, rgb_bands].transpose(0, 2, 3, 1) / 10000 * 3.5, 0, 1)
+    worldcover = open_store(str(store))["worldcover"]
+    indices = batch["index"].tolist()
+    classes = np.stack([worldcover[i] for i in indices])
+    dominant = batch["dominant_class"].tolist()
+    titles = [f"tile {i}\ndominant {c}" for i, c in zip(indices, dominant, strict=True)]
+    return plots.plot_pca_maps(true_colour, classes, maps, titles, out)
+
+
+def evaluate(
+    backbones: dict[str, TerraFM], dm: TerraFMDataModule
+) -> tuple[dict[str, Any], list[int]]:
+    """Per backbone: kNN and linear-probe results; and the query count per class."""
+    num_classes = len(dm.classes)
+    results: dict[str, Any] = {}
+    queries: SplitFeatures | None = None
+    for name, backbone in backbones.items():
+        bank = tile_features(backbone, dm, dm.train_dataset)
+        queries = tile_features(backbone, dm, dm.val_dataset)
+        knn = knn_results(bank, queries, num_classes)
+        knn["rare_accuracy"] = rare_class_accuracy(knn["per_class"], dm.classes, rare_classes(dm))
+        results[name] = {"knn": knn, "linear": linear_probe_results(bank, queries, num_classes)}
+        print(
+            f"{name:>12}: kNN top-1 {100 * knn['top1']:.1f} %, rare-class kNN "
+            f"{100 * knn['rare_accuracy']:.1f} %, linear top-1 "
+            f"{100 * results[name]['linear']['top1']:.1f} %",
+            flush=True,
+        )
+    support = torch.bincount(queries.labels, minlength=num_classes).tolist()
+    return results, support
+
+
+def rare_classes(dm: TerraFMDataModule) -> list[int]:
+    """Classes below the datamodule's high-frequency threshold (those dual centring protects)."""
+    return [c for c in dm.classes if c not in dm.high_frequency_classes]
+
+
+def class_shares(dm: TerraFMDataModule) -> tuple[np.ndarray, np.ndarray]:
+    """Expected pixel class shares per draw: uniform over training tiles vs sampler weights."""
+    hist = dm.train_dataset.worldcover_hist.astype(np.float64)
+    weights = dm.train_weights / dm.train_weights.sum()
+    return hist.mean(axis=0), weights @ hist
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the whole demo; returns the results written to ``results.json``."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / "store.zarr"
+
+    write_store(args, store)
+    seconds["store"] = time.perf_counter() - start
+
+    cli = pretrain(args, store)
+    seconds["pretraining"] = time.perf_counter() - start - sum(seconds.values())
+    module, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    hp = module.hparams
+    backbones = {
+        "pretrained": module.teacher.backbone,
+        "random init": random_backbone(hp.backbone, dict(hp.backbone_kwargs or {}), args.seed),
+    }
+
+    print("Evaluating on held-out tiles (labels: dominant WorldCover class) ...", flush=True)
+    evaluation, support = evaluate(backbones, dm)
+    seconds["evaluation"] = time.perf_counter() - start - sum(seconds.values())
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rare = rare_classes(dm)
+    plots.plot_training(Path(trainer.logger.log_dir) / "metrics.csv", args.out / "training.png")
+    pca_figure(backbones, dm, store, args.out / "pca_feature_maps.png")
+    before, after = class_shares(dm)
+    plots.plot_class_shares(dm.classes, before, after, rare, args.out / "class_shares.png")
+    per_class = {name: r["knn"]["per_class"] for name, r in evaluation.items()}
+    plots.plot_per_class_knn(dm.classes, per_class, support, rare, args.out / "knn_per_class.png")
+    seconds["report"] = time.perf_counter() - start - sum(seconds.values())
+
+    dm_hp = dm.hparams
+    results = {
+        "setup": {
+            "backbone": hp.backbone,
+            "backbone_kwargs": dict(hp.backbone_kwargs or {}),
+            "centering": hp.centering,
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "batch_size": dm_hp.batch_size,
+            "modality_draw": dm_hp.modality_draw,
+            "tau": dm_hp.tau,
+            "high_frequency_threshold": dm_hp.high_frequency_threshold,
+            "tiles": args.samples,
+            "tile_size": args.tile_size,
+            "gain_range": list(args.gain_range),
+            "train_tiles": len(dm.train_dataset),
+            "heldout_tiles": len(dm.val_dataset),
+            "rare_classes": rare,
+            "classes": dm.classes,
+            "query_support": support,
+            "checkpoint": trainer.checkpoint_callback.last_model_path
+            if trainer.checkpoint_callback
+            else None,
+            "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch "
+            f"{torch.__version__}, {torch.get_num_threads()} threads",
+        },
+        "backbones": evaluation,
+        "knn_top1": {name: r["knn"]["top1"] for name, r in evaluation.items()},
+        "knn_margin": evaluation["pretrained"]["knn"]["top1"]
+        - evaluation["random init"]["knn"]["top1"],
+        "seconds": seconds,
+        "total_seconds": time.perf_counter() - start,
+    }
+    readme = write_report(args.out, results)
+    print(
+        f"kNN top-1 on held-out tiles: pretrained {100 * results['knn_top1']['pretrained']:.1f} "
+        f"% vs random init {100 * results['knn_top1']['random init']:.1f} % "
+        f"({100 * results['knn_margin']:+.1f} points). Report: {readme}",
+        flush=True,
+    )
+    return results
+
+
+if __name__ == "__main__":
+    main()
