@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from terrafm_lightning.demo.evaluate import VIEWS
 from terrafm_lightning.demo.report import FIGURES
 from terrafm_lightning.demo.run import main, parse_args
 
@@ -28,21 +28,20 @@ def test_demo_writes_report_with_readable_plots(tmp_path: Path) -> None:
     assert results["setup"]["steps"] >= 1
     assert results["setup"]["heldout_tiles"] == 12  # val_fraction 0.25 of 48 tiles
     for name in ("pretrained", "random init"):
-        for protocol in ("knn", "linear"):
-            assert 0.0 <= results["backbones"][name][protocol]["top1"] <= 1.0
-        per_class = results["backbones"][name]["knn"]["per_class"]
-        assert len(per_class) == 11
-        assert sum(a is not None for a in per_class) == sum(
-            n > 0 for n in results["setup"]["query_support"]
-        )
-    assert math.isclose(
-        results["knn_margin"],
-        results["knn_top1"]["pretrained"] - results["knn_top1"]["random init"],
-    )
+        for view in VIEWS:
+            result = results["backbones"][name][view]
+            for protocol in ("knn", "linear"):
+                assert 0.0 <= result[protocol]["top1"] <= 1.0
+            per_class = result["knn"]["per_class"]
+            assert len(per_class) == 11
+            support = results["setup"]["query_support"][view]
+            assert [a is not None for a in per_class] == [n > 0 for n in support]
+    # Every held-out tile has a dominant class and at least one modality: all enter the fused view.
+    assert sum(results["setup"]["query_support"]["fused"]) == 12
     assert json.loads((out / "results.json").read_text())["setup"] == results["setup"]
 
     readme = (out / "README.md").read_text()
-    assert "| kNN (k=20, cosine, T=0.07) | top-1 |" in readme
+    assert "| fused | kNN top-1 |" in readme
     for figure in FIGURES:
         assert f"]({figure})" in readme
         with Image.open(out / figure) as image:
@@ -54,7 +53,14 @@ def test_demo_writes_report_with_readable_plots(tmp_path: Path) -> None:
 
 
 def test_no_dual_centering_flag_selects_its_own_report_folder() -> None:
-    assert parse_args([]).out == Path("reports/demo")
+    default = parse_args([])
+    assert (default.out, default.compare) == (
+        Path("reports/demo"),
+        Path("reports/demo-dino-centering"),
+    )
     ablation = parse_args(["--no-dual-centering"])
     assert ablation.no_dual_centering
-    assert ablation.out == Path("reports/demo-dino-centering")
+    assert (ablation.out, ablation.compare) == (
+        Path("reports/demo-dino-centering"),
+        Path("reports/demo"),
+    )

@@ -13,7 +13,7 @@ from terrafm_lightning.data.majortom import prepare_majortom
 from terrafm_lightning.data.parallel import PrepError, PrepReport
 from terrafm_lightning.data.stats import compute_stats
 from terrafm_lightning.data.store import Encoding, StoreError
-from terrafm_lightning.data.synthetic import GAIN_RANGE, prepare_synthetic
+from terrafm_lightning.data.synthetic import GAIN_RANGE, S2_NOISE, prepare_synthetic
 from terrafm_lightning.data.validate import validate_store
 from terrafm_lightning.data.worldcover import prepare_worldcover
 
@@ -99,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=GAIN_RANGE,
         metavar=("LOW", "HIGH"),
-        help="range of the per-tile S2 illumination gain (wider: harder land-cover task)",
+        help="range of the per-tile S2 illumination gain (default: %(default)s)",
+    )
+    p.add_argument(
+        "--s2-noise",
+        type=float,
+        default=S2_NOISE,
+        help="relative per-pixel S2 noise std (more: harder land-cover task; default %(default)s)",
     )
 
     p = sub.add_parser("geotiff", parents=prep, help="folders of co-registered GeoTIFFs -> store")
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             args.tile_size,
             args.seed,
             tuple(args.gain_range),
+            args.s2_noise,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),

@@ -96,8 +96,9 @@ WAVELENGTH_UM = np.array(
 TRANSMITTANCE = np.array([0.85, 0.88, 0.9, 0.92, 0.93, 0.94, 0.94, 0.95, 0.95, 0.6, 0.96, 0.95])
 SPECKLE_LOOKS = 4.0
 GAIN_RANGE = (0.9, 1.1)
-"""Default range of the per-tile S2 illumination gain (a wider range makes the tiles' mean
-spectrum a weaker cue of their land cover; the demo uses one)."""
+"""Default range of the per-tile S2 illumination gain."""
+S2_NOISE = 0.03
+"""Default relative per-pixel S2 noise (std); more noise makes land cover harder to read."""
 P_MISSING = {"s1": 0.1, "s2_l1c": 0.05, "s2_l2a": 0.05}
 P_NODATA_REGION = 0.1
 
@@ -143,7 +144,11 @@ def _nodata_region(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def synthetic_scene(
-    seed: int, index: int, size: int = 534, gain_range: tuple[float, float] = GAIN_RANGE
+    seed: int,
+    index: int,
+    size: int = 534,
+    gain_range: tuple[float, float] = GAIN_RANGE,
+    s2_noise: float = S2_NOISE,
 ) -> Sample:
     """The synthetic sample ``index`` of dataset ``seed`` (4 tiles per fake grid cell)."""
     cell, tile_index = divmod(index, 4)
@@ -151,7 +156,7 @@ def synthetic_scene(
     classes, _ = land_cover(rng, size)
     texture = smooth_fields(rng, 1, size, max(size // 8, 2))[0]
     gain = 1 + _TEXTURE[classes] * texture
-    noise = 1 + 0.03 * rng.standard_normal((12, size, size), dtype=np.float32)
+    noise = 1 + s2_noise * rng.standard_normal((12, size, size), dtype=np.float32)
     l2a = _SPECTRA[classes].transpose(2, 0, 1) * gain * noise * rng.uniform(*gain_range)
     aerosol = rng.uniform(300, 1200)
     path = aerosol * (WAVELENGTH_UM / WAVELENGTH_UM[0]) ** -1.5
@@ -214,6 +219,7 @@ def prepare_synthetic(
     tile_size: int = 534,
     seed: int = 0,
     gain_range: tuple[float, float] = GAIN_RANGE,
+    s2_noise: float = S2_NOISE,
     *,
     encoding: Encoding | None = None,
     overwrite: bool = False,
@@ -227,13 +233,20 @@ def prepare_synthetic(
     if not 0 < gain_range[0] <= gain_range[1]:
         raise ValueError(f"gain_range must satisfy 0 < low <= high, got {gain_range}")
     plan = {"kind": "synthetic", "n_samples": n_samples, "tile_size": tile_size, "seed": seed}
-    if tuple(gain_range) != GAIN_RANGE:  # stores written before the option keep their digest
+    if s2_noise < 0:
+        raise ValueError(f"s2_noise must be >= 0, got {s2_noise}")
+    # Stores written before these options existed keep their digest (resume stays possible).
+    if tuple(gain_range) != GAIN_RANGE:
         plan["gain_range"] = list(gain_range)
+    if s2_noise != S2_NOISE:
+        plan["s2_noise"] = s2_noise
     root = create_or_resume(
         path, n_samples, tile_size, MODALITIES, plan, encoding, overwrite, storage_options
     )
     root.attrs["source"] = f"terrafm-data synthetic (seed {seed})"
-    make = partial(synthetic_scene, seed, size=tile_size, gain_range=tuple(gain_range))
+    make = partial(
+        synthetic_scene, seed, size=tile_size, gain_range=tuple(gain_range), s2_noise=s2_noise
+    )
     task = partial(sample_shard_task, path, storage_options, make)
     report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
     update_class_frequencies(path, storage_options)

@@ -1,7 +1,7 @@
 """The demo's downstream check: kNN and linear probes on held-out synthetic tiles.
 
-Labels are the tiles' dominant WorldCover class. Features are frozen CLS features of whole tiles
-(every available modality, so fusion where a tile has several), computed once per backbone: the
+Labels are the tiles' dominant WorldCover class. Features are frozen CLS features of whole tiles,
+computed once per backbone and view (all available modalities fused, or S1 / S2 L2A alone): the
 kNN bank and the probe's training set are the pretraining split, the queries the held-out split
 (``val_fraction`` of :class:`TerraFMDataModule`, never seen in pretraining).
 """
@@ -20,6 +20,7 @@ from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.dataset import StoreTileDataset
 from terrafm_lightning.eval.knn import knn_evaluate, knn_scores
 from terrafm_lightning.eval.metrics import classification_metrics
+from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.models import TerraFM
 
 
@@ -31,23 +32,41 @@ class SplitFeatures:
     labels: Tensor
 
 
+VIEWS: dict[str, str | None] = {"fused": None, "S1": "s1", "S2 L2A": "s2_l2a"}
+"""Evaluation views: every available modality (fusion), or one modality alone."""
+
+
 @torch.no_grad()
 def tile_features(
     backbone: TerraFM, dm: TerraFMDataModule, dataset: StoreTileDataset, batch_size: int = 64
-) -> SplitFeatures:
-    """Frozen CLS features of the whole tiles of ``dataset`` (the datamodule's validation view).
+) -> dict[str, SplitFeatures]:
+    """Frozen CLS features of the whole tiles of ``dataset`` for every view of :data:`VIEWS`.
 
-    Tiles without a dominant class (no valid WorldCover pixel) are left out.
+    Tiles come in the datamodule's validation layout (whole tile, resized, normalised). A tile
+    enters a single-modality view only if it has that modality; tiles without a dominant class
+    (no valid WorldCover pixel) are left out.
     """
     backbone.eval()
     classes = torch.tensor(dm.classes)
-    features, labels = [], []
+    parts: dict[str, list[tuple[Tensor, Tensor]]] = {view: [] for view in VIEWS}
     for batch in DataLoader(dataset, batch_size=batch_size):
+        tiles = dm.multicrop.whole_tiles(batch)
         labelled = batch["dominant_class"] > 0
-        view = dm.multicrop.whole_tiles(batch)
-        features.append(backbone(view["inputs"], view["presence"])[labelled].float())
-        labels.append(torch.searchsorted(classes, batch["dominant_class"][labelled]))
-    return SplitFeatures(torch.cat(features), torch.cat(labels))
+        labels = torch.searchsorted(classes, batch["dominant_class"])
+        for view, modality in VIEWS.items():
+            presence, keep = tiles["presence"], labelled
+            if modality is not None:
+                column = torch.zeros_like(presence)
+                column[:, MODALITIES.index(modality)] = True
+                keep = labelled & (presence & column).any(dim=1)
+                presence = column
+            if keep.any():
+                features = backbone(tiles["inputs"], presence).float()
+                parts[view].append((features[keep], labels[keep]))
+    return {
+        view: SplitFeatures(torch.cat([f for f, _ in p]), torch.cat([y for _, y in p]))
+        for view, p in parts.items()
+    }
 
 
 def per_class_accuracy(scores: Tensor, labels: Tensor, num_classes: int) -> list[float | None]:

@@ -100,31 +100,42 @@ def _mark_rare(ax: plt.Axes, codes: Sequence[int], rare: Sequence[int]) -> None:
 
 def plot_per_class_knn(
     codes: Sequence[int],
-    accuracies: dict[str, list[float | None]],
-    support: Sequence[int],
+    panels: dict[str, dict[str, list[float | None]]],
+    support: dict[str, Sequence[int]],
     rare: Sequence[int],
     out: Path,
 ) -> Path:
-    """Per-class kNN accuracy of each backbone; rare classes shaded, query counts on the axis."""
+    """Per-class kNN accuracy of each backbone, one panel per view; rare classes shaded.
+
+    Args:
+        codes: WorldCover class codes (x axis).
+        panels: view -> backbone name -> accuracy per class (None: no query tile).
+        support: view -> query tiles per class.
+        rare: codes to shade.
+        out: PNG path.
+    """
     x = np.arange(len(codes))
-    width = 0.8 / len(accuracies)
-    fig, ax = plt.subplots(figsize=(11, 4.8), constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(11, 3.2 * len(panels) + 1.2), sharex=True, squeeze=False
+    )
     colours = ("tab:blue", "tab:gray", "tab:purple", "tab:olive")
-    for j, ((name, values), colour) in enumerate(zip(accuracies.items(), colours, strict=False)):
-        heights = [100 * v if v is not None else 0.0 for v in values]
-        ax.bar(
-            x + (j - (len(accuracies) - 1) / 2) * width, heights, width, label=name, color=colour
-        )
-    _mark_rare(ax, codes, rare)
-    labels = [
-        f"{_label(c)}{' (rare)' if c in rare else ''}\nn={n}"
-        for c, n in zip(codes, support, strict=True)
-    ]
-    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("kNN accuracy (%)")
-    ax.set_title("Per-class kNN accuracy on held-out tiles (n = query tiles; shaded: rare classes)")
-    ax.legend(loc="lower right")
+    for ax, (view, accuracies) in zip(axes[:, 0], panels.items(), strict=True):
+        width = 0.8 / len(accuracies)
+        for j, (name, values) in enumerate(accuracies.items()):
+            heights = [100 * v if v is not None else 0.0 for v in values]
+            offset = (j - (len(accuracies) - 1) / 2) * width
+            ax.bar(x + offset, heights, width, label=name, color=colours[j % len(colours)])
+        for i, n in enumerate(support[view]):
+            ax.text(i, 101, f"n={n}", ha="center", va="bottom", fontsize=7)
+        _mark_rare(ax, codes, rare)
+        ax.set_ylim(0, 112)
+        ax.set_ylabel("kNN accuracy (%)")
+        ax.set_title(f"{view} view", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+    labels = [f"{_label(c)}{' (rare)' if c in rare else ''}" for c in codes]
+    axes[-1, 0].set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    fig.suptitle("Per-class kNN accuracy on held-out tiles (n = query tiles; shaded: rare classes)")
+    fig.tight_layout()
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out

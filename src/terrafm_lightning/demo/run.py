@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -34,7 +35,7 @@ from terrafm_lightning.data.multicrop import crop_resize
 from terrafm_lightning.data.store import open_store
 from terrafm_lightning.demo import plots
 from terrafm_lightning.demo.evaluate import (
-    SplitFeatures,
+    VIEWS,
     knn_results,
     linear_probe_results,
     tile_features,
@@ -74,9 +75,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="plain DINO centring instead of TerraFM's dual centring (ablation)",
     )
     parser.add_argument("--seed", type=int, default=0, help="store, split and init seed")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="report folder of the other centring mode to compare with (default: its usual "
+        "folder next to --out, when it exists)",
+    )
     args = parser.parse_args(argv)
+    folders = {False: "demo", True: "demo-dino-centering"}
     if args.out is None:
-        args.out = Path("reports/demo-dino-centering" if args.no_dual_centering else "reports/demo")
+        args.out = Path("reports") / folders[args.no_dual_centering]
+    if args.compare is None:
+        args.compare = args.out.parent / folders[not args.no_dual_centering]
     return args
 
 
@@ -163,24 +174,30 @@ def pca_figure(
 
 def evaluate(
     backbones: dict[str, TerraFM], dm: TerraFMDataModule
-) -> tuple[dict[str, Any], list[int]]:
-    """Per backbone: kNN and linear-probe results; and the query count per class."""
+) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Per backbone and view: kNN and linear-probe results; and the query count per class."""
     num_classes = len(dm.classes)
     results: dict[str, Any] = {}
-    queries: SplitFeatures | None = None
+    support: dict[str, list[int]] = {}
     for name, backbone in backbones.items():
-        bank = tile_features(backbone, dm, dm.train_dataset)
-        queries = tile_features(backbone, dm, dm.val_dataset)
-        knn = knn_results(bank, queries, num_classes)
-        knn["rare_accuracy"] = rare_class_accuracy(knn["per_class"], dm.classes, rare_classes(dm))
-        results[name] = {"knn": knn, "linear": linear_probe_results(bank, queries, num_classes)}
-        print(
-            f"{name:>12}: kNN top-1 {100 * knn['top1']:.1f} %, rare-class kNN "
-            f"{100 * knn['rare_accuracy']:.1f} %, linear top-1 "
-            f"{100 * results[name]['linear']['top1']:.1f} %",
-            flush=True,
+        bank, queries = (
+            tile_features(backbone, dm, dm.train_dataset),
+            tile_features(backbone, dm, dm.val_dataset),
         )
-    support = torch.bincount(queries.labels, minlength=num_classes).tolist()
+        results[name] = {}
+        for view in VIEWS:
+            knn = knn_results(bank[view], queries[view], num_classes)
+            knn["rare_accuracy"] = rare_class_accuracy(
+                knn["per_class"], dm.classes, rare_classes(dm)
+            )
+            linear = linear_probe_results(bank[view], queries[view], num_classes)
+            results[name][view] = {"knn": knn, "linear": linear}
+            support[view] = torch.bincount(queries[view].labels, minlength=num_classes).tolist()
+            print(
+                f"{name:>12} {view:>6}: kNN top-1 {100 * knn['top1']:5.1f} %, rare-class kNN "
+                f"{100 * knn['rare_accuracy']:5.1f} %, linear top-1 {100 * linear['top1']:5.1f} %",
+                flush=True,
+            )
     return results, support
 
 
@@ -226,7 +243,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pca_figure(backbones, dm, store, args.out / "pca_feature_maps.png")
     before, after = class_shares(dm)
     plots.plot_class_shares(dm.classes, before, after, rare, args.out / "class_shares.png")
-    per_class = {name: r["knn"]["per_class"] for name, r in evaluation.items()}
+    per_class = {
+        view: {name: r[view]["knn"]["per_class"] for name, r in evaluation.items()}
+        for view in VIEWS
+    }
     plots.plot_per_class_knn(dm.classes, per_class, support, rare, args.out / "knn_per_class.png")
     seconds["report"] = time.perf_counter() - start - sum(seconds.values())
 
@@ -250,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "rare_classes": rare,
             "classes": dm.classes,
             "query_support": support,
+            "views": {view: modality or "all available" for view, modality in VIEWS.items()},
+            "report": str(args.out),
             "checkpoint": trainer.checkpoint_callback.last_model_path
             if trainer.checkpoint_callback
             else None,
@@ -257,19 +279,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{torch.__version__}, {torch.get_num_threads()} threads",
         },
         "backbones": evaluation,
-        "knn_top1": {name: r["knn"]["top1"] for name, r in evaluation.items()},
-        "knn_margin": evaluation["pretrained"]["knn"]["top1"]
-        - evaluation["random init"]["knn"]["top1"],
+        "knn_top1": {
+            view: {name: r[view]["knn"]["top1"] for name, r in evaluation.items()} for view in VIEWS
+        },
         "seconds": seconds,
         "total_seconds": time.perf_counter() - start,
     }
-    readme = write_report(args.out, results)
-    print(
-        f"kNN top-1 on held-out tiles: pretrained {100 * results['knn_top1']['pretrained']:.1f} "
-        f"% vs random init {100 * results['knn_top1']['random init']:.1f} % "
-        f"({100 * results['knn_margin']:+.1f} points). Report: {readme}",
-        flush=True,
-    )
+    other_json = args.compare / "results.json"
+    other = json.loads(other_json.read_text()) if other_json.is_file() else None
+    readme = write_report(args.out, results, other)
+    for view, top1 in results["knn_top1"].items():
+        print(
+            f"kNN top-1 on held-out tiles ({view}): pretrained {100 * top1['pretrained']:.1f} % "
+            f"vs random init {100 * top1['random init']:.1f} % "
+            f"({100 * (top1['pretrained'] - top1['random init']):+.1f} points)",
+            flush=True,
+        )
+    print(f"Report: {readme}", flush=True)
     return results
 
 
