@@ -14,7 +14,8 @@ from terrafm_lightning.data.synthetic import synthetic_scene
 COMMANDS = ("synthetic", "geotiff", "majortom", "worldcover", "stats", "validate")
 
 
-def test_every_argument_of_every_command_has_help(capsys):
+def test_every_argument_of_every_command_has_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no line wrapping (argparse also breaks at hyphens)
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)
     for name, parser in sub.choices.items():

@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=S2_NOISE,
         help="relative per-pixel S2 noise std (more: harder land-cover task; default %(default)s)",
     )
+    p.add_argument(
+        "--nuisance",
+        type=float,
+        default=0.0,
+        help="strength of per-sensor illumination / haze / S1 calibration nuisance that leaves "
+        "the land cover unchanged (0: none; default %(default)s)",
+    )
 
     p = sub.add_parser("geotiff", parents=prep, help="folders of co-registered GeoTIFFs -> store")
     p.add_argument("source", help="root with one sub-folder per modality")
@@ -180,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             tuple(args.gain_range),
             args.s2_noise,
+            args.nuisance,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),

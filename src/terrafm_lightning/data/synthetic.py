@@ -4,8 +4,9 @@ Each tile gets a long-tailed land-cover map (smooth random class fields plus a b
 class drawn from :data:`CLASS_PRIOR`), class-dependent S2 L2A spectra with class-dependent texture,
 L1C = L2A x band transmittance + an Angstrom-law atmospheric path term, and S1 dB backscatter per
 class with multiplicative gamma speckle. Some tiles lack a modality, some carry nodata regions,
-some coastal water tiles carry WorldCover no data (open ocean). Fully determined by
-(seed, sample index).
+some coastal water tiles carry WorldCover no data (open ocean). Optional acquisition nuisance
+(``nuisance`` > 0, see :func:`apply_nuisance`) varies brightness independently per sensor product
+while the land cover stays the same. Fully determined by (seed, sample index).
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ GAIN_RANGE = (0.9, 1.1)
 """Default range of the per-tile S2 illumination gain."""
 S2_NOISE = 0.03
 """Default relative per-pixel S2 noise (std); more noise makes land cover harder to read."""
+NUISANCE_LOG_GAIN = 0.4
+"""Std of the per-tile and of the smooth S2 log-gain field at ``nuisance`` 1."""
+NUISANCE_HAZE = 800.0
+"""Largest extra L1C haze (DN at B01) at ``nuisance`` 1, smooth over the tile."""
+NUISANCE_S1_DB = (3.5, 1.5)
+"""Largest S1 per-tile dB offset and calibration gradient across the tile at ``nuisance`` 1."""
 P_MISSING = {"s1": 0.1, "s2_l1c": 0.05, "s2_l2a": 0.05}
 P_NODATA_REGION = 0.1
 
@@ -143,14 +150,54 @@ def _nodata_region(rng: np.random.Generator, size: int) -> np.ndarray:
     return a * (yy - 0.5) + b * (xx - 0.5) > rng.uniform(0.3, 0.6)
 
 
+def apply_nuisance(
+    rng: np.random.Generator,
+    l2a: np.ndarray,
+    l1c: np.ndarray,
+    s1: np.ndarray,
+    path: np.ndarray,
+    strength: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Acquisition nuisance, drawn independently per sensor product (they have their own dates).
+
+    S2 L2A and L1C: a per-tile log-gain plus a smooth log-gain field with a correlation length of
+    about half a tile (illumination, thin cloud), so two crops of one tile differ in brightness;
+    L1C also gets extra smooth haze with the path term's spectral shape. S1: a per-tile dB offset
+    (incidence angle, calibration) and a linear dB gradient across the tile. Band ratios and
+    backscatter contrasts, which carry the land cover, are kept.
+    """
+    size = l2a.shape[-1]
+    grid = 4  # coarse nodes 1/3 tile apart: the field decorrelates over about half a tile
+
+    def log_gain() -> np.ndarray:
+        field = rng.standard_normal() + smooth_fields(rng, 1, size, grid)[0]
+        return np.exp(strength * NUISANCE_LOG_GAIN * field).astype(np.float32)
+
+    l2a = l2a * log_gain()
+    haze = strength * NUISANCE_HAZE * rng.uniform() * (1 + smooth_fields(rng, 1, size, grid)[0])
+    haze_spectrum = (path / path[0]).astype(np.float32)[:, None, None]
+    l1c = l1c * log_gain() + haze_spectrum * haze.clip(0, None)
+    offset_db, gradient_db = NUISANCE_S1_DB
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = gradient_db * (np.cos(angle) * xx + np.sin(angle) * yy)
+    s1 = s1 + (strength * (rng.uniform(-offset_db, offset_db) + ramp)).astype(np.float32)
+    return l2a, l1c, s1
+
+
 def synthetic_scene(
     seed: int,
     index: int,
     size: int = 534,
     gain_range: tuple[float, float] = GAIN_RANGE,
     s2_noise: float = S2_NOISE,
+    nuisance: float = 0.0,
 ) -> Sample:
-    """The synthetic sample ``index`` of dataset ``seed`` (4 tiles per fake grid cell)."""
+    """The synthetic sample ``index`` of dataset ``seed`` (4 tiles per fake grid cell).
+
+    ``nuisance`` scales :func:`apply_nuisance` (0: none); its draws come from their own random
+    stream, so the land cover and every other draw are the same for every strength.
+    """
     cell, tile_index = divmod(index, 4)
     rng = np.random.default_rng([seed, index])
     classes, _ = land_cover(rng, size)
@@ -164,6 +211,9 @@ def synthetic_scene(
     linear = 10 ** (_S1[classes].transpose(2, 0, 1) / 10)
     speckle = rng.gamma(SPECKLE_LOOKS, 1 / SPECKLE_LOOKS, (2, size, size)).astype(np.float32)
     s1 = 10 * np.log10(linear * speckle * (1 + 0.3 * texture.clip(-2, 2) ** 2 * (classes == 4)))
+    if nuisance > 0:
+        nuisance_rng = np.random.default_rng([seed, index, 2])
+        l2a, l1c, s1 = apply_nuisance(nuisance_rng, l2a, l1c, s1, path, nuisance)
     pixels = {
         "s1": s1.astype(np.float32),
         "s2_l1c": l1c.clip(1, 65535).astype(np.uint16),
@@ -220,6 +270,7 @@ def prepare_synthetic(
     seed: int = 0,
     gain_range: tuple[float, float] = GAIN_RANGE,
     s2_noise: float = S2_NOISE,
+    nuisance: float = 0.0,
     *,
     encoding: Encoding | None = None,
     overwrite: bool = False,
@@ -235,17 +286,26 @@ def prepare_synthetic(
     plan = {"kind": "synthetic", "n_samples": n_samples, "tile_size": tile_size, "seed": seed}
     if s2_noise < 0:
         raise ValueError(f"s2_noise must be >= 0, got {s2_noise}")
+    if nuisance < 0:
+        raise ValueError(f"nuisance must be >= 0, got {nuisance}")
     # Stores written before these options existed keep their digest (resume stays possible).
     if tuple(gain_range) != GAIN_RANGE:
         plan["gain_range"] = list(gain_range)
     if s2_noise != S2_NOISE:
         plan["s2_noise"] = s2_noise
+    if nuisance:
+        plan["nuisance"] = nuisance
     root = create_or_resume(
         path, n_samples, tile_size, MODALITIES, plan, encoding, overwrite, storage_options
     )
     root.attrs["source"] = f"terrafm-data synthetic (seed {seed})"
     make = partial(
-        synthetic_scene, seed, size=tile_size, gain_range=tuple(gain_range), s2_noise=s2_noise
+        synthetic_scene,
+        seed,
+        size=tile_size,
+        gain_range=tuple(gain_range),
+        s2_noise=s2_noise,
+        nuisance=nuisance,
     )
     task = partial(sample_shard_task, path, storage_options, make)
     report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)

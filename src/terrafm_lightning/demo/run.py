@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="per-tile S2 illumination gain of the synthetic scenes (task difficulty)",
     )
+    parser.add_argument(
+        "--nuisance",
+        type=float,
+        default=1.0,
+        help="per-sensor illumination / haze / S1 calibration nuisance of the synthetic scenes "
+        "(not shared between sensors: cross-modal distillation learns to ignore it)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
     parser.add_argument("--depth", type=int, default=None, help="override the backbone depth")
     parser.add_argument(
@@ -96,7 +103,8 @@ def write_store(args: argparse.Namespace, store: Path) -> None:
     command = [
         "synthetic", str(store), "--samples", str(args.samples),
         "--tile-size", str(args.tile_size), "--seed", str(args.seed),
-        "--gain-range", *map(str, args.gain_range), "--scheduler", "sync", "--overwrite",
+        "--gain-range", *map(str, args.gain_range), "--nuisance", str(args.nuisance),
+        "--scheduler", "sync", "--overwrite",
     ]  # fmt: skip
     print("$ terrafm-data " + " ".join(command), flush=True)
     if prep_cli.main(command):
@@ -265,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tiles": args.samples,
             "tile_size": args.tile_size,
             "gain_range": list(args.gain_range),
+            "nuisance": args.nuisance,
             "train_tiles": len(dm.train_dataset),
             "heldout_tiles": len(dm.val_dataset),
             "rare_classes": rare,
