@@ -61,26 +61,25 @@ class RecordCentres(L.Callback):
         self.centres.append({"c": c.center.clone(), "c_h": c.center_hf.clone()})
 
 
-def main(out: Path, devices: int) -> None:
-    torch.set_num_threads(1)
-    L.seed_everything(0)
-    model = TerraFMPretrainModule(
-        "terrafm_tiny",
-        {"depth": 2},
-        drop_path_rate=0.0,
-        num_prototypes=64,
-        head_hidden_dim=32,
-        head_bottleneck_dim=16,
-        high_frequency_classes=[10, 30],
-        warmup_epochs=0.0,
-    )
-    recorder = RecordCentres()
-    trainer = L.Trainer(
+def tiny_module(**overrides: Any) -> TerraFMPretrainModule:
+    """A depth-2 TerraFM-Ti pretraining module with a small head (classes 10, 30 frequent)."""
+    settings: dict[str, Any] = {
+        "drop_path_rate": 0.0,
+        "num_prototypes": 64,
+        "head_hidden_dim": 32,
+        "head_bottleneck_dim": 16,
+        "high_frequency_classes": [10, 30],
+        "warmup_epochs": 0.0,
+    }
+    return TerraFMPretrainModule("terrafm_tiny", {"depth": 2}, **{**settings, **overrides})
+
+
+def quiet_trainer(devices: int, strategy: Any, recorder: L.Callback, **kwargs: Any) -> L.Trainer:
+    """A CPU Trainer for one epoch over the fixed batches, with nothing but ``recorder``."""
+    return L.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy=DDPStrategy(find_unused_parameters=True, process_group_backend="gloo")
-        if devices > 1
-        else "auto",
+        strategy=strategy,
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -88,7 +87,17 @@ def main(out: Path, devices: int) -> None:
         enable_model_summary=False,
         use_distributed_sampler=False,
         callbacks=[recorder],
+        **kwargs,
     )
+
+
+def main(out: Path, devices: int) -> None:
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    model = tiny_module()
+    recorder = RecordCentres()
+    strategy = DDPStrategy(find_unused_parameters=True, process_group_backend="gloo")
+    trainer = quiet_trainer(devices, strategy if devices > 1 else "auto", recorder)
     trainer.fit(model, datamodule=FixedBatches())
     torch.save(recorder.centres, out / f"devices{devices}_rank{trainer.global_rank}.pt")
 

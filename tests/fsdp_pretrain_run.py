@@ -20,7 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
-from tests.ddp_centering_run import FixedBatches
+from tests.ddp_centering_run import FixedBatches, quiet_trainer, tiny_module
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -61,35 +61,14 @@ class RecordState(L.Callback):
 def main(out: Path, devices: int) -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = TerraFMPretrainModule(
-        "terrafm_tiny",
-        {"depth": 2},
-        drop_path_rate=0.0,
-        num_prototypes=64,
-        head_hidden_dim=32,
-        head_bottleneck_dim=16,
-        high_frequency_classes=[10, 30],
-        warmup_epochs=0.0,
-        momentum_teacher=0.9,  # a large EMA step, so a wrong update shows clearly
-        freeze_last_layer_epochs=0.0,
-    )
+    # A large EMA step, so a wrong update shows clearly.
+    model = tiny_module(momentum_teacher=0.9, freeze_last_layer_epochs=0.0)
     recorder = RecordState()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=ModelParallelStrategy(
-            data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
-        )
-        if devices > 1
-        else "auto",
-        max_epochs=1,
-        gradient_clip_val=3.0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[recorder],
+    strategy = ModelParallelStrategy(
+        data_parallel_size=devices, tensor_parallel_size=1, process_group_backend="gloo"
+    )
+    trainer = quiet_trainer(
+        devices, strategy if devices > 1 else "auto", recorder, gradient_clip_val=3.0
     )
     trainer.fit(model, datamodule=FixedBatches())
     torch.save(recorder.states, out / f"devices{devices}_rank{trainer.global_rank}.pt")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from terrafm_lightning.data.store import Encoding
@@ -23,3 +26,20 @@ def make_synthetic_store(
         progress=False,
     )
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_rank_script(script: str, out: Path, devices: int) -> None:
+    """Run ``tests/<script> OUT DEVICES`` in a fresh interpreter (it spawns the ranks itself)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / script), str(out), str(devices)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "ddp_centering_run.py"
-
-
-def _run(out: Path, devices: int) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), str(devices)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+from tests.helpers import run_rank_script
 
 
 @pytest.mark.slow
 def test_centres_identical_on_ranks_and_equal_to_single_process(tmp_path: Path) -> None:
-    _run(tmp_path, 2)
-    _run(tmp_path, 1)
+    run_rank_script("ddp_centering_run.py", tmp_path, 2)
+    run_rank_script("ddp_centering_run.py", tmp_path, 1)
     rank0, rank1, single = (
         torch.load(tmp_path / name, weights_only=True)
         for name in ("devices2_rank0.pt", "devices2_rank1.pt", "devices1_rank0.pt")
