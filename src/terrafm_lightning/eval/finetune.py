@@ -7,6 +7,7 @@ from typing import Any
 from timm.optim import param_groups_layer_decay
 
 from terrafm_lightning.eval.linear_probe import LinearProbe
+from terrafm_lightning.models.terrafm import layer_group_matcher
 
 
 class FineTune(LinearProbe):
@@ -34,11 +35,8 @@ class FineTune(LinearProbe):
         super().__init__(lr=lr, weight_decay=weight_decay, **kwargs)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Group parameters for timm: stem, one group per block (final norm with the last), head."""
-        return {
-            "stem": r"^backbone\.(?:cls_token|pos_embed|patch_embed)",
-            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))],
-        }
+        """Timm layer groups: stem, one per block (final norm with the last), head on top."""
+        return layer_group_matcher("backbone.")
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Layer-decayed parameter groups with their lr scale folded into ``lr``."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,10 @@ class TerraFM(nn.Module):
             "patch_embed.fusion.queries",
             "patch_embed.fusion.score",
         }
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Timm layer groups (for ``param_groups_layer_decay``); see :func:`layer_group_matcher`."""
+        return layer_group_matcher()
 
     def presence_mask(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
         """Validate ``inputs`` and return the (B, 3) bool presence mask.
@@ -195,6 +201,20 @@ class TerraFM(nn.Module):
                 y = self.norm(x) if norm else x
                 maps.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
         return maps
+
+
+def layer_group_matcher(prefix: str = "") -> dict[str, Any]:
+    """Timm ``group_matcher`` of a TerraFM whose parameter names start with ``prefix``.
+
+    Layer 0 is the stem (stems, fusion, tokens, position embedding), layer i + 1 is block i and
+    the final norm joins the last block (timm's ViT convention). Parameters outside the backbone
+    (heads) fall into the top layer, so layer-wise lr decay leaves them at the base lr.
+    """
+    p = re.escape(prefix)
+    return {
+        "stem": rf"^{p}(?:cls_token|pos_embed|patch_embed)",
+        "blocks": [(rf"^{p}blocks\.(\d+)", None), (rf"^{p}norm", (99999,))],
+    }
 
 
 def _init_weights(module: nn.Module) -> None:

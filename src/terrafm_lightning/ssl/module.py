@@ -10,10 +10,12 @@ from typing import Any, Literal
 import lightning as L
 import timm
 import torch
+from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.models import TerraFM
+from terrafm_lightning.models.terrafm import layer_group_matcher
 from terrafm_lightning.ssl.centering import Centering, DualCentering
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.head import DINOHead
@@ -28,6 +30,10 @@ class StudentTeacher(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = head
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Timm layer groups: stem, one per block (final norm with the last), head on top."""
+        return layer_group_matcher("backbone.")
 
 
 def _concat_views(
@@ -195,29 +201,20 @@ class TerraFMPretrainModule(L.LightningModule):
         return self
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: decay / no-decay, optionally split per layer for layer-wise lr decay."""
-        backbone = self.student.backbone
-        no_wd = {f"backbone.{name}" for name in backbone.no_weight_decay()}
-        depth = len(backbone.blocks)
-        layer_decay = self.hparams.layer_decay
-        groups: dict[tuple[bool, int], dict[str, Any]] = {}
-        for name, param in self.student.named_parameters():
-            if not param.requires_grad:
-                continue
-            decay = param.ndim > 1 and not name.endswith(".bias") and name not in no_wd
-            layer = depth + 1  # final norm and head
-            if name.startswith("backbone.blocks."):
-                layer = int(name.split(".")[2]) + 1
-            elif name.startswith("backbone.") and not name.startswith("backbone.norm."):
-                layer = 0  # stems, fusion, tokens, position embedding
-            if layer_decay == 1.0:
-                layer = depth + 1
-            group = groups.setdefault(
-                (decay, layer),
-                {"params": [], "lr_scale": layer_decay ** (depth + 1 - layer), "decay": decay},
-            )
-            group["params"].append(param)
-        return list(groups.values())
+        """AdamW groups of the student by layer (timm's ``param_groups_layer_decay``).
+
+        Each group keeps its ``lr_scale`` (layer-wise decay; 1 everywhere when ``layer_decay`` is
+        1) and a ``decay`` flag: no weight decay on 1-D tensors (norms, biases) and the
+        backbone's ``no_weight_decay()`` tensors. Both are applied per step in
+        ``optimizer_step``.
+        """
+        no_decay = [f"backbone.{name}" for name in self.student.backbone.no_weight_decay()]
+        groups = param_groups_layer_decay(
+            self.student, 1.0, no_decay, layer_decay=self.hparams.layer_decay
+        )
+        for group in groups:
+            group["decay"] = group.pop("weight_decay") > 0
+        return groups
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``."""
@@ -228,8 +225,9 @@ class TerraFMPretrainModule(L.LightningModule):
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
+        # Lightning also steps on an epoch's last partial accumulation, hence ceil.
         per_epoch = (
-            max(1, int(batches) // self.trainer.accumulate_grad_batches)
+            max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
             if math.isfinite(batches)
             else total
         )
