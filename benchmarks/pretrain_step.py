@@ -55,8 +55,8 @@ class RandomTiles(L.LightningDataModule):
 
 
 class StepTimer(L.Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times = warmup, []
+    def __init__(self) -> None:
+        self.times: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, name: str, compiled: bool) -> dict[str, float]
         for net in (model.student, model.teacher):
             net.backbone = torch.compile(net.backbone)
     batch = raw_batch(args.batch_size, sizes[2])
-    timer = StepTimer(args.warmup)
+    timer = StepTimer()
     trainer = L.Trainer(
         accelerator=args.device if args.device == "cpu" else "gpu",
         devices=1,

@@ -161,7 +161,11 @@ class MultiCrop(nn.Module):
             self.register_buffer(f"std_{m}", std.view(1, -1, 1, 1), persistent=False)
 
     def normalise(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Normalise whole tiles; nodata (0 after the workers' replacement) maps to 0."""
+        """Normalise whole tiles; nodata (0 after the workers' replacement) maps to 0.
+
+        For S1 this also maps a pixel of exactly 0.0 dB to the mean: the workers replace S1
+        nodata by 0 and the exact float value is too rare in real backscatter to tell apart.
+        """
         out = {}
         for m in self.modalities:
             if m in batch:

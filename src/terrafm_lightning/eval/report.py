@@ -219,10 +219,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(
-        args.data, args.out, args.ckpt, args.released, args.backbone, args.backbone_kwargs,
-        args.epochs,
-        args.batch_size, args.num_workers,
-    )  # fmt: skip
+        args.data,
+        args.out,
+        ckpt=args.ckpt,
+        released=args.released,
+        backbone=args.backbone,
+        backbone_kwargs=args.backbone_kwargs,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+    )
     print((args.out / "results.md").read_text())
 
 
