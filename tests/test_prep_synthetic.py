@@ -84,3 +84,22 @@ def test_killed_prep_run_resumes_without_missing_or_half_written_tiles(tmp_path)
             if m in expected.pixels:
                 np.testing.assert_array_equal(root[m][i], expected.pixels[m])
         assert root["grid_cell"][i] == expected.grid_cell
+
+
+def test_nuisance_changes_brightness_per_sensor_but_not_land_cover():
+    plain, nuisance = (synthetic_scene(0, k, 32, nuisance=s) for k, s in ((5, 0.0), (5, 1.0)))
+    np.testing.assert_array_equal(plain.worldcover, nuisance.worldcover)
+    assert plain.pixels.keys() == nuisance.pixels.keys()
+    # Default strength 0 draws nothing extra: the stores of the default generator are unchanged.
+    np.testing.assert_array_equal(plain.pixels["s1"], synthetic_scene(0, 5, 32).pixels["s1"])
+    for m in ("s2_l1c", "s2_l2a"):
+        ratio = nuisance.pixels[m].astype(np.float64) / plain.pixels[m].astype(np.float64)
+        assert ratio.std() > 0.05  # a spatially varying gain, not a constant factor
+    # The S1 offset is large compared with the per-pixel speckle it sits on.
+    assert abs(float(np.mean(nuisance.pixels["s1"] - plain.pixels["s1"]))) > 0.05
+    # The two S2 products carry independent fields (own acquisitions).
+    gain = {
+        m: np.log(nuisance.pixels[m][7].astype(np.float64) / plain.pixels[m][7]).mean()
+        for m in ("s2_l1c", "s2_l2a")
+    }
+    assert abs(gain["s2_l1c"] - gain["s2_l2a"]) > 0.01

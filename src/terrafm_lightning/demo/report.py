@@ -78,7 +78,8 @@ def write_report(out: Path, results: dict[str, Any], other: dict[str, Any] | Non
         f"`{setup['backbone']}` ({setup['backbone_kwargs']}) pretrained for {setup['epochs']} "
         f"epochs ({setup['steps']} optimizer steps, batch {setup['batch_size']}) on a synthetic "
         f"store of {setup['tiles']} tiles of {setup['tile_size']} px "
-        f"(S1, S2 L1C, S2 L2A, WorldCover; gain range {setup['gain_range']}), with "
+        f"(S1, S2 L1C, S2 L2A, WorldCover; gain range {setup['gain_range']}, per-sensor nuisance "
+        f"{setup['nuisance']}), with "
         f"`{setup['modality_draw']}` modality draws (fusion when several are drawn), "
         f"{centring} centring and WorldCover-weighted sampling (tau {setup['tau']}).",
         "",
