@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
 from rasterio.crs import CRS
-from rasterio.warp import Resampling, reproject
+from rasterio.warp import Resampling
 
 from terrafm_lightning.data.parallel import (
     PrepReport,
@@ -77,22 +79,22 @@ def align(
     shape: tuple[int, int],
     nodata: float,
 ) -> np.ndarray:
-    """Reproject (nearest) ``pixels`` (band, y, x) onto a destination grid unless it already is."""
+    """Reproject (nearest) ``pixels`` (band, y, x) onto a destination grid unless it already is.
+
+    rioxarray's ``reproject`` (GDAL warp); nearest keeps stored values equal to source values.
+    """
     if crs == dst_crs and transform.almost_equals(dst_transform) and pixels.shape[1:] == shape:
         return pixels
-    out = np.full((pixels.shape[0], *shape), nodata, pixels.dtype)
-    reproject(
-        pixels,
-        out,
-        src_transform=transform,
-        src_crs=crs,
-        dst_transform=dst_transform,
-        dst_crs=dst_crs,
-        src_nodata=nodata,
-        dst_nodata=nodata,
-        resampling=Resampling.nearest,
+    source = (
+        xr.DataArray(pixels, dims=("band", "y", "x"))
+        .rio.write_crs(crs)
+        .rio.write_transform(transform)
+        .rio.write_nodata(nodata, encoded=False)
     )
-    return out
+    warped = source.rio.reproject(
+        dst_crs, shape=shape, transform=dst_transform, resampling=Resampling.nearest
+    )
+    return np.ascontiguousarray(warped.values)
 
 
 def tile_window(tile_index: int, tiles_per_side: int, size: int) -> tuple[slice, slice]:
