@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.dataset import StoreTileDataset
-from terrafm_lightning.eval.knn import knn_evaluate, knn_scores
+from terrafm_lightning.eval.knn import knn_scores, score_metrics
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.models import TerraFM
@@ -80,10 +80,8 @@ def knn_results(
     bank: SplitFeatures, queries: SplitFeatures, num_classes: int, k: int = 20
 ) -> dict[str, object]:
     """Paper-protocol kNN (cosine, k=20, T=0.07): top-1, macro F1 and per-class accuracy."""
-    metrics: dict[str, object] = dict(
-        knn_evaluate(bank.features, bank.labels, queries.features, queries.labels, num_classes, k=k)
-    )
     scores = knn_scores(bank.features, bank.labels, queries.features, num_classes, k=k)
+    metrics: dict[str, object] = dict(score_metrics(scores, queries.labels, num_classes))
     metrics["per_class"] = per_class_accuracy(scores, queries.labels, num_classes)
     return metrics
 

@@ -89,8 +89,15 @@ def knn_evaluate(
         temperature=temperature,
         multilabel=multilabel,
     )
+    return score_metrics(scores, query_labels, num_classes, multilabel)
+
+
+def score_metrics(
+    scores: Tensor, labels: Tensor, num_classes: int, multilabel: bool = False
+) -> dict[str, float]:
+    """Classification metrics (``classification_metrics``) of class scores against labels."""
     metrics = classification_metrics(num_classes, multilabel)
-    metrics.update(scores, query_labels.long())
+    metrics.update(scores, labels.long())
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
