@@ -37,10 +37,10 @@ import rasterio
 import rasterio.errors
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
-from terrafm_lightning.data.store import NODATA, PIXEL_DTYPES, open_store
-from terrafm_lightning.data.synthetic import prepare_synthetic
+from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
 from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
+from terrafm_lightning.store.format import NODATA, PIXEL_DTYPES, open_store
 
 EMPTY = 2**64 - 1
 """Shard-index offset of an inner chunk that was never written."""

@@ -24,12 +24,12 @@ from distributed import Client, LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from terrafm_lightning.data.geotiff import prepare_geotiff  # noqa: E402
-from terrafm_lightning.data.majortom import prepare_majortom  # noqa: E402
-from tests import test_prep_majortom as fixture  # noqa: E402
+from terrafm_lightning.prep.sources.geotiff import prepare_geotiff  # noqa: E402
+from terrafm_lightning.prep.sources.majortom import prepare_majortom  # noqa: E402
+from tests.generators import majortom as fixture  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "terramind_examples"
-PREP_MODULES = ("terrafm_lightning.data.geotiff", "terrafm_lightning.data.majortom")
+PREP_MODULES = ("terrafm_lightning.prep.sources.geotiff", "terrafm_lightning.prep.sources.majortom")
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 import sys
 
-from terrafm_lightning.data.prep_cli import main
+from terrafm_lightning.prep.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

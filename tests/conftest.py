@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def _seed() -> None:
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A read-only 32-tile, 64 px synthetic store (all modalities, WorldCover), made once."""
-    from tests.helpers import make_synthetic_store
+    from tests.generators.stores import make_synthetic_store
 
     return make_synthetic_store(tmp_path_factory.mktemp("store") / "synthetic.zarr")
 
@@ -82,3 +84,20 @@ def s3_server() -> Iterator[int]:
         yield port
     finally:
         server.stop()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_rank_script(script: str, out: Path, devices: int) -> None:
+    """Run ``tests/scripts/<script> OUT DEVICES`` in a fresh interpreter (it spawns the ranks)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "scripts" / script), str(out), str(devices)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -1,1 +1,1 @@
-"""Zarr store, data preparation and the streaming pretraining datamodule."""
+"""The read path: tile reader, WorldCover-weighted sampler, multi-crop and the datamodule."""

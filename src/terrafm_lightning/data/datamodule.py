@@ -20,11 +20,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
+from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
-from terrafm_lightning.data.store import StoreError, open_store
 from terrafm_lightning.modalities import MODALITIES, check_modality
+from terrafm_lightning.store.format import StoreError, open_store
 
 log = logging.getLogger(__name__)
 

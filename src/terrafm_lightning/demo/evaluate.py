@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.dataset import StoreTileDataset
+from terrafm_lightning.data.reader import StoreTileDataset
 from terrafm_lightning.eval.knn import knn_scores, score_metrics
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.modalities import MODALITIES

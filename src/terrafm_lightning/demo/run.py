@@ -29,10 +29,8 @@ import timm
 import torch
 
 from terrafm_lightning.cli import run_cli
-from terrafm_lightning.data import prep_cli
 from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.multicrop import crop_resize
-from terrafm_lightning.data.store import open_store
 from terrafm_lightning.demo import plots
 from terrafm_lightning.demo.evaluate import (
     VIEWS,
@@ -43,6 +41,8 @@ from terrafm_lightning.demo.evaluate import (
 from terrafm_lightning.demo.report import rare_class_accuracy, write_report
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import TerraFM
+from terrafm_lightning.prep import cli as prep_cli
+from terrafm_lightning.store.format import open_store
 
 RGB_BANDS = ("B04", "B03", "B02")
 PCA_SCALE = 2

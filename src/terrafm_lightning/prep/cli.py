@@ -1,0 +1,263 @@
+"""``terrafm-data``: build and check TerraFM Zarr stores (see ``terrafm-data <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from terrafm_lightning.prep.driver import PrepError, PrepReport
+from terrafm_lightning.prep.passes.stats import compute_stats
+from terrafm_lightning.prep.passes.worldcover import prepare_worldcover
+from terrafm_lightning.prep.sources.geotiff import DEFAULT_FOLDERS, InputError, prepare_geotiff
+from terrafm_lightning.prep.sources.majortom import prepare_majortom
+from terrafm_lightning.prep.sources.synthetic import GAIN_RANGE, S2_NOISE, prepare_synthetic
+from terrafm_lightning.store.format import Encoding, StoreError
+from terrafm_lightning.store.validate import validate_store
+
+
+def _option_groups() -> dict[str, argparse.ArgumentParser]:
+    """Options shared by several subcommands, each defined once (argparse parent parsers)."""
+    names = ("storage", "dask", "run", "write")
+    groups = {k: argparse.ArgumentParser(add_help=False) for k in names}
+    groups["storage"].add_argument(
+        "--storage-options",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='fsspec options of the store as JSON, e.g. \'{"endpoint_url": "http://..."}\' (S3)',
+    )
+    p = groups["dask"]
+    p.add_argument(
+        "--scheduler",
+        default="local",
+        metavar="local|sync|ADDRESS",
+        help="'local' (a dask LocalCluster, default), 'sync' (in process, no dask) or the "
+        "address of a running dask scheduler (tcp://host:8786) to use many machines",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="LocalCluster worker processes (default: CPUs)"
+    )
+    p = groups["run"]
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip and count bad tiles instead of stopping"
+    )
+    p = groups["write"]
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing store at the output"
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=Encoding.samples_per_shard,
+        help="samples per shard object of the pixel arrays (default: %(default)s)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["zstd", "lz4"],
+        default=Encoding.cname,
+        help="blosc compressor of the pixel arrays: zstd (smaller, default) or lz4 (faster decode)",
+    )
+    return groups
+
+
+def _encoding(args: argparse.Namespace) -> Encoding:
+    return Encoding(samples_per_shard=args.samples_per_shard, cname=args.codec)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "scheduler": args.scheduler,
+        "workers": args.workers,
+        "skip_bad": args.skip_bad,
+        "progress": not args.no_progress,
+        "storage_options": args.storage_options,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-parser per command."""
+    parser = argparse.ArgumentParser(prog="terrafm-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups = _option_groups()
+    run = [groups["storage"], groups["dask"], groups["run"]]
+    prep = [*run, groups["write"]]
+    output = "store path or URL to write (local path or fsspec URL such as s3://bucket/x.zarr)"
+    tile_size = "tile height and width in pixels"
+
+    p = sub.add_parser("synthetic", parents=prep, help="write a procedural synthetic store")
+    p.add_argument("output", help=output)
+    p.add_argument("--samples", type=int, default=256, help="number of tiles (default: 256)")
+    p.add_argument("--tile-size", type=int, default=534, help=f"{tile_size} (default: 534)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (tile i is fixed by seed, i)")
+    p.add_argument(
+        "--gain-range",
+        type=float,
+        nargs=2,
+        default=GAIN_RANGE,
+        metavar=("LOW", "HIGH"),
+        help="range of the per-tile S2 illumination gain (default: %(default)s)",
+    )
+    p.add_argument(
+        "--s2-noise",
+        type=float,
+        default=S2_NOISE,
+        help="relative per-pixel S2 noise std (more: harder land-cover task; default %(default)s)",
+    )
+    p.add_argument(
+        "--nuisance",
+        type=float,
+        default=0.0,
+        help="strength of per-sensor illumination / haze / S1 calibration nuisance that leaves "
+        "the land cover unchanged (0: none; default %(default)s)",
+    )
+
+    p = sub.add_parser("geotiff", parents=prep, help="folders of co-registered GeoTIFFs -> store")
+    p.add_argument("source", help="root with one sub-folder per modality")
+    p.add_argument("output", help=output)
+    p.add_argument("--tile-size", type=int, default=None, help=f"{tile_size} (default: raster)")
+    for m, folder in DEFAULT_FOLDERS.items():
+        p.add_argument(
+            f"--{m.replace('_', '-')}-folder",
+            default=folder,
+            dest=f"folder_{m}",
+            help=f"sub-folder of the {m} GeoTIFFs (default: {folder})",
+        )
+    p.add_argument("--allow-missing", action="store_true", help="keep locations lacking a modality")
+
+    p = sub.add_parser("majortom", parents=prep, help="Major-TOM Core parquet files -> store")
+    p.add_argument("output", help=output)
+    p.add_argument("--s1", help="Core-S1RTC folder (metadata.parquet + image parquets)")
+    p.add_argument("--s2-l1c", help="Core-S2L1C folder")
+    p.add_argument("--s2-l2a", help="Core-S2L2A folder")
+    p.add_argument("--tile-size", type=int, default=534, help=f"{tile_size} (default: 534)")
+    p.add_argument(
+        "--cell-size", type=int, default=1068, help="grid cell size in pixels (default: 1068)"
+    )
+    p.add_argument("--allow-missing", action="store_true", help="keep cells lacking a modality")
+
+    p = sub.add_parser(
+        "worldcover",
+        parents=run,
+        help="WorldCover maps onto every tile of a store",
+    )
+    p.add_argument("store", help="existing store path or URL")
+    p.add_argument("worldcover", nargs="+", help="WorldCover GeoTIFF/COG files or folders")
+    p.add_argument(
+        "--drop-water-above",
+        type=float,
+        default=None,
+        metavar="SHARE",
+        help="drop tiles whose water + open-ocean share exceeds SHARE (default: keep all)",
+    )
+    p.add_argument(
+        "--keep-water-share",
+        type=float,
+        default=0.02,
+        help="share of those mostly-water tiles kept anyway (default: 0.02, as the paper)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the kept water tiles")
+
+    p = sub.add_parser(
+        "stats",
+        parents=[groups["storage"], groups["dask"]],
+        help="exact per-band mean/std written into the store",
+    )
+    p.add_argument("store", help="store path or URL")
+
+    p = sub.add_parser(
+        "validate", parents=[groups["storage"]], help="check a store against the format"
+    )
+    p.add_argument("store", help="store path or URL")
+    p.add_argument("--deep-samples", type=int, default=16, help="samples checked pixel-wise")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute a parsed command; returns the exit status."""
+    report: PrepReport | None = None
+    if args.command == "synthetic":
+        report = prepare_synthetic(
+            args.output,
+            args.samples,
+            args.tile_size,
+            args.seed,
+            tuple(args.gain_range),
+            args.s2_noise,
+            args.nuisance,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "geotiff":
+        folders = {m: getattr(args, f"folder_{m}") for m in DEFAULT_FOLDERS}
+        report = prepare_geotiff(
+            args.source,
+            args.output,
+            args.tile_size,
+            folders,
+            not args.allow_missing,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "majortom":
+        roots = {
+            m: v
+            for m, v in (("s1", args.s1), ("s2_l1c", args.s2_l1c), ("s2_l2a", args.s2_l2a))
+            if v
+        }
+        if not roots:
+            raise InputError("give at least one of --s1, --s2-l1c, --s2-l2a")
+        report = prepare_majortom(
+            roots,
+            args.output,
+            args.tile_size,
+            args.cell_size,
+            not args.allow_missing,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "worldcover":
+        report = prepare_worldcover(
+            args.store,
+            args.worldcover,
+            drop_water_above=args.drop_water_above,
+            keep_water_share=args.keep_water_share,
+            seed=args.seed,
+            **_run_options(args),
+        )
+    elif args.command == "stats":
+        stats = compute_stats(args.store, args.storage_options, args.scheduler, args.workers)
+        for m, s in stats.items():
+            print(f"{m}: mean {[round(v, 2) for v in s['mean']]}")
+            print(f"{' ' * len(m)}  std  {[round(v, 2) for v in s['std']]}")
+    else:
+        problems = validate_store(args.store, args.deep_samples, args.storage_options)
+        for problem in problems:
+            print(f"problem: {problem}")
+        print(f"{args.store}: {'valid' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    if report is not None:
+        print(report.summary())
+        for reason in report.skipped.values():
+            print(f"skipped {reason}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: errors on bad input print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (InputError, PrepError, StoreError) as err:
+        print(f"terrafm-data {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Passes over a written store: WorldCover labels and band statistics."""

@@ -1,0 +1,1 @@
+"""Input sources that write tiles into a new store: synthetic scenes, GeoTIFFs, Major-TOM."""

@@ -1,0 +1,257 @@
+"""``terrafm-data majortom``: Major-TOM Core-S1RTC / Core-S2L1C / Core-S2L2A parquet -> store.
+
+Each modality root holds ``metadata.parquet`` (``grid_cell``, ``product_id``, ``timestamp``,
+``parquet_url``, ``parquet_row``, ...) and the image parquet files it points to (looked up by
+file name in the root or its ``images/`` folder). Cells are joined by ``grid_cell`` (all three
+modalities by default) and each cell (1068 px) is cut into row-major tiles (4 x 534 px).
+
+Radiometry rules:
+- S1 RTC comes as linear gamma0 with nodata -32768: nodata, non-finite and non-positive values
+  become NaN, the rest 10*log10 (dB).
+- S2: products of processing baseline >= 04.00 carry a +1000 DN offset. The baseline is read
+  from the product id (``_Nxxyy_``); when the id has none, products acquired on or after
+  2022-01-25 (the baseline 04.00 switch) are taken to carry it. The offset is subtracted from
+  valid pixels (clipped to 1 so they stay valid; 0 stays nodata).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import rasterio
+from rasterio.io import MemoryFile
+
+from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.prep.driver import (
+    PrepReport,
+    create_or_resume,
+    run_shards,
+    sample_shard_task,
+)
+from terrafm_lightning.prep.sources.geotiff import (
+    InputError,
+    align,
+    tile_transform,
+    tile_window,
+)
+from terrafm_lightning.store.format import NODATA, Encoding, Sample, consolidate, pending
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "s1": ("vv", "vh"),
+    "s2_l1c": BANDS["s2_l1c"],
+    "s2_l2a": BANDS["s2_l2a"],
+}
+"""Major-TOM band columns read per modality (L1C's B10 column is not read)."""
+S1_NODATA = -32768.0
+S2_OFFSET = 1000
+OFFSET_SINCE = np.datetime64("2022-01-25")
+_BASELINE = re.compile(r"_N(\d{4})_")
+
+
+def has_offset(product_id: str, timestamp: np.datetime64) -> bool:
+    """Whether an S2 product carries the +1000 DN offset (baseline >= 04.00)."""
+    match = _BASELINE.search(product_id)
+    if match:
+        return int(match.group(1)) >= 400
+    return bool(np.datetime64(timestamp, "D") >= OFFSET_SINCE)
+
+
+def linear_to_db(linear: np.ndarray) -> np.ndarray:
+    """S1 linear gamma0 -> dB; nodata (-32768), non-finite and <= 0 become NaN."""
+    valid = np.isfinite(linear) & (linear > 0) & (linear != S1_NODATA)
+    out = np.full(linear.shape, np.nan, np.float32)
+    out[valid] = 10 * np.log10(linear[valid])
+    return out
+
+
+def harmonise_s2(dn: np.ndarray, offset: bool) -> np.ndarray:
+    """uint16 DN with the baseline offset removed; nodata 0 kept."""
+    dn = dn.astype(np.int32)
+    if offset:
+        dn = np.where(dn == 0, 0, np.maximum(dn - S2_OFFSET, 1))
+    return np.clip(dn, 0, 65535).astype(np.uint16)
+
+
+def read_metadata(root: Path) -> pd.DataFrame:
+    """A modality's metadata table, with the image file resolved locally."""
+    path = root / "metadata.parquet"
+    try:
+        meta = pq.read_table(path).to_pandas()
+    except Exception as err:
+        raise InputError(f"cannot read Major-TOM metadata {path}: {err}") from err
+    needed = {"grid_cell", "product_id", "timestamp", "parquet_url", "parquet_row"}
+    if missing := needed - set(meta.columns):
+        raise InputError(f"{path} lacks columns {sorted(missing)}")
+
+    def local(url: str) -> str:
+        name = Path(str(url)).name
+        for candidate in (root / name, root / "images" / name):
+            if candidate.exists():
+                return str(candidate)
+        raise InputError(f"{path}: image parquet {name} not found in {root} or {root}/images")
+
+    meta["file"] = [local(u) for u in meta["parquet_url"]]
+    return meta.drop_duplicates("grid_cell", keep="first")
+
+
+def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, dict[str, Any]]]:
+    """Per grid cell (sorted), modality -> {file, row, product_id, timestamp}."""
+    tables = {m: read_metadata(Path(r)).set_index("grid_cell") for m, r in roots.items()}
+    cells = sorted(set().union(*(t.index for t in tables.values())))
+    if require_all:
+        cells = [c for c in cells if all(c in t.index for t in tables.values())]
+    if not cells:
+        raise InputError(f"no grid cell common to {', '.join(str(r) for r in roots.values())}")
+    return [
+        {
+            m: {
+                "file": t.at[c, "file"],
+                "row": int(t.at[c, "parquet_row"]),
+                "product_id": str(t.at[c, "product_id"]),
+                "timestamp": str(np.datetime64(pd.Timestamp(t.at[c, "timestamp"]), "s")),
+            }
+            for m, t in tables.items()
+            if c in t.index
+        }
+        | {"_cell": c}
+        for c in cells
+    ]
+
+
+def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
+    """One parquet row (the row group holding it, then the row), restricted to ``columns``."""
+    try:
+        meta = pq.ParquetFile(file)
+        start = 0
+        for group in range(meta.num_row_groups):
+            rows = meta.metadata.row_group(group).num_rows
+            if row < start + rows:
+                table = meta.read_row_group(group, columns=list(columns))
+                return table.slice(row - start, 1).to_pylist()[0]
+            start += rows
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"cannot read row {row} of {file}: {err}") from err
+    raise InputError(f"{file} has no row {row}")
+
+
+@lru_cache(maxsize=16)
+def decode_cell(
+    modality: str, file: str, row: int, product_id: str, timestamp: str
+) -> tuple[np.ndarray, rasterio.crs.CRS, rasterio.Affine]:
+    """A cell's bands (band, y, x) in store units, with the grid of its first band."""
+    values = _row(file, row, ("grid_cell", *COLUMNS[modality]))
+    bands, grid = [], None
+    for column in COLUMNS[modality]:
+        blob = values.get(column)
+        if not blob:
+            raise InputError(f"{file} row {row} ({values['grid_cell']}): empty column {column}")
+        try:
+            with MemoryFile(blob) as mem, mem.open() as src:
+                band = src.read(1)
+                this = (src.crs, src.transform, band.shape)
+        except rasterio.errors.RasterioError as err:
+            raise InputError(
+                f"{file} row {row} ({values['grid_cell']}) column {column}: not a GeoTIFF: {err}"
+            ) from err
+        if grid is None:
+            grid = this
+        elif this[0] != grid[0] or this[2] != grid[2] or not this[1].almost_equals(grid[1]):
+            raise InputError(
+                f"{file} row {row} ({values['grid_cell']}) column {column}: grid "
+                f"{this[2]} differs from column {COLUMNS[modality][0]} {grid[2]}"
+            )
+        bands.append(band)
+    stack = np.stack(bands)
+    if modality == "s1":
+        data = linear_to_db(stack.astype(np.float64))
+    else:
+        data = harmonise_s2(stack, has_offset(product_id, np.datetime64(timestamp)))
+    return data, grid[0], grid[1]
+
+
+def majortom_sample(
+    cells: Sequence[Mapping[str, Any]], tile_size: int, tiles_per_side: int, index: int
+) -> Sample:
+    """Tile ``index % tiles**2`` of cell ``index // tiles**2``, S1 aligned onto the S2 grid."""
+    cell, tile_index = divmod(index, tiles_per_side**2)
+    sources = {m: cells[cell][m] for m in MODALITIES if m in cells[cell]}
+    decoded = {m: decode_cell(m, **s) for m, s in sources.items()}
+    reference = next(m for m in ("s2_l2a", "s2_l1c", "s1") if m in decoded)
+    _, crs, transform = decoded[reference]
+    shape = (tile_size * tiles_per_side,) * 2
+    rows, cols = tile_window(tile_index, tiles_per_side, tile_size)
+    pixels = {}
+    for m, (data, src_crs, src_transform) in decoded.items():
+        data = align(data, src_crs, src_transform, crs, transform, shape, NODATA[m])
+        if data.shape[1:] != shape:
+            raise InputError(
+                f"{sources[m]['file']} row {sources[m]['row']} ({cells[cell]['_cell']}): "
+                f"{data.shape[1:]} px, expected {shape}"
+            )
+        pixels[m] = np.ascontiguousarray(data[:, rows, cols])
+    return Sample(
+        pixels=pixels,
+        grid_cell=cells[cell]["_cell"],
+        tile_index=tile_index,
+        crs=crs.to_string(),
+        transform=tile_transform(transform, tile_index, tiles_per_side, tile_size),
+        times={m: np.datetime64(s["timestamp"], "s") for m, s in sources.items()},
+    )
+
+
+def prepare_majortom(
+    roots: Mapping[str, str],
+    path: str,
+    tile_size: int = 534,
+    cell_size: int = 1068,
+    require_all: bool = True,
+    *,
+    encoding: Encoding | None = None,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    **run_options: Any,
+) -> PrepReport:
+    """Write (or finish writing) a store from local Major-TOM Core parquet files.
+
+    Args:
+        roots: modality -> folder with ``metadata.parquet`` and the image parquet files.
+        path: output store.
+        tile_size: tile size (cells are cut into (cell_size / tile_size)**2 tiles).
+        cell_size: Major-TOM cell size in pixels (1068).
+        require_all: keep only cells present in every given modality.
+        encoding: store chunking/compression.
+        overwrite: replace an existing store at ``path``.
+        storage_options: fsspec options of the output store.
+        **run_options: options of :func:`parallel.run_shards`.
+    """
+    if cell_size % tile_size:
+        raise InputError(f"cell size {cell_size} is not a multiple of tile size {tile_size}")
+    tiles_per_side = cell_size // tile_size
+    cells = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
+    modalities = [m for m in MODALITIES if m in roots]
+    plan = {"kind": "majortom", "cells": cells, "tile_size": tile_size, "cell_size": cell_size}
+    root = create_or_resume(
+        path,
+        len(cells) * tiles_per_side**2,
+        tile_size,
+        modalities,
+        plan,
+        encoding,
+        overwrite,
+        storage_options,
+    )
+    root.attrs["source"] = "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items())
+    make = partial(majortom_sample, cells, tile_size, tiles_per_side)
+    task = partial(sample_shard_task, path, storage_options, make)
+    report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
+    consolidate(path, storage_options)
+    return report

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from terrafm_lightning.modalities import BANDS
+from terrafm_lightning.prep.passes.stats import compute_stats
+from terrafm_lightning.prep.sources.synthetic import synthetic_scene
+from terrafm_lightning.store import format as st
+from terrafm_lightning.store.validate import validate_store
+
+
+def test_write_sample_resume_marker_and_xarray(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    root = st.create_store(path, 6, 32, encoding=st.Encoding(samples_per_shard=4))
+    sample = synthetic_scene(3, 1, 32)
+    st.write_sample(root, 5, sample)
+    assert st.pending(root).tolist() == [0, 1, 2, 3, 4]
+    assert st.shard_groups(root, st.pending(root)) == [[0, 1, 2, 3], [4]]
+    st.consolidate(path)
+    ds = xr.open_zarr(path)
+    assert list(ds["band_s2_l2a"].values) == list(BANDS["s2_l2a"])
+    for m, pixels in sample.pixels.items():
+        np.testing.assert_array_equal(ds[m].values[5], pixels)
+    assert ds["grid_cell"].values[5] == sample.grid_cell
+    assert ds["dominant_class"].values[5] == st.worldcover_summary(sample.worldcover)[2]
+    assert ds["s2_l2a"].encoding["chunks"] == (1, 12, 32, 32)
+
+
+def test_synthetic_store_is_valid_and_stats_exact(synthetic_store):
+    assert validate_store(str(synthetic_store)) == []
+    ds = xr.open_zarr(synthetic_store)
+    freqs = ds.attrs["class_frequencies"]
+    assert abs(sum(freqs.values()) - 1) < 1e-6
+    # Long tail: tree cover far more frequent than mangroves.
+    assert freqs["10"] > 10 * freqs["95"]
+    stats = compute_stats(str(synthetic_store), scheduler="sync")
+    avail = ds["available"].values[:, 2]
+    pixels = ds["s2_l2a"].values[avail].astype(np.float64)
+    for b in (0, 7):
+        band = pixels[:, b][pixels[:, b] != 0]
+        assert stats["s2_l2a"]["mean"][b] == pytest.approx(band.mean(), rel=1e-9)
+        assert stats["s2_l2a"]["std"][b] == pytest.approx(band.std(), rel=1e-9)
+
+
+def test_synthetic_is_deterministic_and_class_dependent():
+    a, b = synthetic_scene(7, 3, 48), synthetic_scene(7, 3, 48)
+    for m in a.pixels:
+        np.testing.assert_array_equal(a.pixels[m], b.pixels[m])
+    # Mean NIR of water pixels is far below that of tree pixels.
+    scene = synthetic_scene(0, 0, 128)
+    wc, nir = scene.worldcover, scene.pixels.get("s2_l2a", scene.pixels.get("s2_l1c"))[7]
+    means = {c: nir[wc == c].mean() for c in np.unique(wc) if c and (wc == c).sum() > 50}
+    assert len(means) >= 2 and max(means.values()) > 1.5 * min(means.values())
+
+
+def test_validate_reports_unwritten_and_bad_metadata(tmp_path):
+    path = str(tmp_path / "s.zarr")
+    root = st.create_store(path, 4, 16, encoding=st.Encoding(samples_per_shard=2))
+    for i in range(3):
+        st.write_sample(root, i, synthetic_scene(0, i, 16))
+    root["nodata_fraction"][1, 2] = 0.5
+    problems = validate_store(path, deep_samples=4)
+    assert any("1 samples not written" in p for p in problems)
+    assert any("sample 1" in p and "nodata fraction" in p for p in problems)
+    assert validate_store(str(tmp_path / "absent.zarr"))[0].startswith("cannot open store")
