@@ -40,7 +40,7 @@ def test_truncated_geotiff_stops_naming_file_or_is_skipped(geotiffs, tmp_path):
     assert report.done == 4 and list(report.skipped) == [1]
     ds = xr.open_zarr(out)
     assert ds["written"].values.tolist() == [True, False, True, True, True]
-    assert "38D_378R_2_3" in ds.attrs["skipped"]["1"]
+    assert "38D_378R_2_3" in ds["skip_reason"].values[1] and ds["skip_reason"].values[0] == ""
     assert not any("not written" in p for p in validate_store(out))
 
 

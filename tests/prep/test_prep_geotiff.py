@@ -8,6 +8,7 @@ from terrafm_lightning.prep.passes.worldcover import prepare_worldcover
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
+from terrafm_lightning.store.records import write_sample
 from tests.conftest import shared_path
 
 
@@ -42,7 +43,7 @@ def test_worldcover_real_cog_pixel_equal(tmp_path):
             (10, 0, x0, 0, -10, y0),
             None,
         )
-        st.write_sample(root, i, sample)
+        write_sample(root, i, sample)
     prepare_worldcover(path, [str(cog)], scheduler="sync", progress=False)
     ds = xr.open_zarr(path)
     rows, cols = np.mgrid[0:size, 0:size]

@@ -12,6 +12,7 @@ from terrafm_lightning.prep.cli import main
 from terrafm_lightning.prep.passes.worldcover import drop_water
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic, synthetic_scene
 from terrafm_lightning.store import format as st
+from terrafm_lightning.store.records import write_sample
 from terrafm_lightning.store.validate import validate_store
 
 SIZE = 32  # 320 m tiles at 10 m
@@ -52,7 +53,7 @@ def make_store(path: str) -> None:
         sample = synthetic_scene(0, i, SIZE)
         sample.crs, sample.transform = "EPSG:32632", (10.0, 0.0, x0, 0.0, -10.0, y0)
         sample.worldcover = None
-        st.write_sample(root, i, sample)
+        write_sample(root, i, sample)
     st.consolidate(path)
 
 
@@ -83,11 +84,9 @@ def test_drop_water_keeps_seeded_share_and_recomputes_frequencies(tmp_path, caps
     hist = ds["worldcover_hist"].values
     assert np.allclose(hist[: len(WATER), W], 1) and ds["worldcover_valid"].values[10:12].max() == 0
     assert 0.2 < hist[-1, W] < 0.4  # the mixed tile
-    skipped = ds.attrs["skipped"]
-    assert {int(k) for k in skipped} == dropped
-    assert all(
-        reason.startswith("dropped: water/open-ocean share > 0.5") for reason in skipped.values()
-    )
+    assert set(np.flatnonzero(ds["dropped"].values).tolist()) == dropped
+    assert ds.attrs["drop_rule"].startswith("water/open-ocean share > 0.5")
+    assert f"map {tmp_path / 'wc.tif'}: covers {len(TILES)} tiles" in out
     # class_frequencies cover the kept tiles only.
     stored = np.array([ds.attrs["class_frequencies"][str(c)] for c in st.WORLDCOVER_CODES])
     np.testing.assert_allclose(stored, frequencies(ds, np.flatnonzero(written)), atol=1e-6)
@@ -99,8 +98,9 @@ def test_drop_water_keeps_seeded_share_and_recomputes_frequencies(tmp_path, caps
     assert set(dm.train_dataset.samples.tolist()) == set(range(len(TILES))) - dropped
     # Rerunning the same command changes nothing (the kept share is drawn per sample).
     assert main([*args, *drop]) == 0
-    assert "0 tiles written" in capsys.readouterr().out
-    assert {int(k) for k in xr.open_zarr(path).attrs["skipped"]} == dropped
+    out = capsys.readouterr().out
+    assert "0 tiles written" in out and "dropped" not in out
+    assert set(np.flatnonzero(xr.open_zarr(path)["dropped"].values).tolist()) == dropped
 
 
 def test_dropped_tiles_are_not_redone_by_a_rerun_of_the_pixel_pass(tmp_path):
@@ -111,8 +111,8 @@ def test_dropped_tiles_are_not_redone_by_a_rerun_of_the_pixel_pass(tmp_path):
     valid = root["worldcover_valid"][:]
     water = root["worldcover_hist"][:, st.WORLDCOVER_CODES.index(80)] * valid + 1 - valid
     threshold = float(np.sort(water)[-3])  # the top 2 are dropped
-    dropped = drop_water(path, threshold, keep_share=0.0)
-    assert len(dropped) == 2
+    dropped, restored = drop_water(path, threshold, keep_share=0.0)
+    assert len(dropped) == 2 and restored == []
     report = prepare_synthetic(path, 8, 16, encoding=st.Encoding(samples_per_shard=4), **run)
     assert report.done == 0
     written = st.open_store(path)["written"][:]

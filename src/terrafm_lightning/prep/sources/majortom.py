@@ -29,19 +29,12 @@ import rasterio
 from rasterio.io import MemoryFile
 
 from terrafm_lightning.modalities import BANDS, MODALITIES
-from terrafm_lightning.prep.driver import (
-    PrepReport,
-    create_or_resume,
-    run_shards,
-    sample_shard_task,
-)
-from terrafm_lightning.prep.sources.geotiff import (
-    InputError,
-    align,
-    tile_transform,
-    tile_window,
-)
-from terrafm_lightning.store.format import NODATA, Encoding, Sample, consolidate, pending
+from terrafm_lightning.prep.driver import PrepReport
+from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.raster import align, tile_transform, tile_window
+from terrafm_lightning.prep.writer import write_tiles
+from terrafm_lightning.store.records import Sample
+from terrafm_lightning.store.schema import NODATA, Encoding
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "s1": ("vv", "vh"),
@@ -231,7 +224,7 @@ def prepare_majortom(
         encoding: store chunking/compression.
         overwrite: replace an existing store at ``path``.
         storage_options: fsspec options of the output store.
-        **run_options: options of :func:`parallel.run_shards`.
+        **run_options: options of :func:`driver.run_shards`.
     """
     if cell_size % tile_size:
         raise InputError(f"cell size {cell_size} is not a multiple of tile size {tile_size}")
@@ -239,19 +232,16 @@ def prepare_majortom(
     cells = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
     modalities = [m for m in MODALITIES if m in roots]
     plan = {"kind": "majortom", "cells": cells, "tile_size": tile_size, "cell_size": cell_size}
-    root = create_or_resume(
+    return write_tiles(
         path,
+        partial(majortom_sample, cells, tile_size, tiles_per_side),
         len(cells) * tiles_per_side**2,
         tile_size,
         modalities,
         plan,
-        encoding,
-        overwrite,
-        storage_options,
+        "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items()),
+        encoding=encoding,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        **run_options,
     )
-    root.attrs["source"] = "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items())
-    make = partial(majortom_sample, cells, tile_size, tiles_per_side)
-    task = partial(sample_shard_task, path, storage_options, make)
-    report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
-    consolidate(path, storage_options)
-    return report
