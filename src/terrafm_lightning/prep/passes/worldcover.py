@@ -96,15 +96,17 @@ def _map_part(path: str, dst_crs: CRS, dst_transform: rasterio.Affine, size: int
         source_transform = src.window_transform(window)
         source_crs = src.crs
     part = np.full((size, size), NO_MAP, np.uint8)
-    # No source nodata: the map's own 0 (ocean) is kept as a value; only pixels outside the
-    # window (outside the map) keep NO_MAP.
+    # The map's own 0 (ocean) is a value here, not nodata; only pixels outside the window
+    # (outside the map) keep NO_MAP, which no WorldCover map holds.
     reproject(
         data,
         part,
         src_transform=source_transform,
         src_crs=source_crs,
+        src_nodata=NO_MAP,
         dst_transform=dst_transform,
         dst_crs=dst_crs,
+        dst_nodata=NO_MAP,
         resampling=Resampling.nearest,
     )
     return part
@@ -166,9 +168,10 @@ def worldcover_shard_task(
 
 def water_drops(root: zarr.Group, threshold: float, keep_share: float, seed: int) -> np.ndarray:
     """(N,) tiles to drop: water + ocean share of the tile above ``threshold``, not kept."""
-    valid = root["worldcover_valid"][:]
+    valid = root["worldcover_valid"][:].astype(np.float64)
     ocean = np.clip(root["worldcover_coverage"][:] - valid, 0, None)
     water = root["worldcover_hist"][:, WATER] * valid + ocean
+    water[water < 1e-6] = 0  # float32 shares: no water must read as exactly none
     # One draw per sample index (not per candidate): a rerun keeps exactly the same tiles.
     keep = np.random.default_rng(seed).random(len(valid)) < keep_share
     candidates = (root[WRITTEN][:] | root[DROPPED][:]) & root[WORLDCOVER_WRITTEN][:]
@@ -188,7 +191,10 @@ def drop_water(
         (newly dropped, restored) sample indices.
     """
     with store_lock(path, storage_options, existing=True):
-        return _apply_drops(path, threshold, keep_share, seed, storage_options)
+        changes = _apply_drops(path, threshold, keep_share, seed, storage_options)
+        update_class_frequencies(path, storage_options)
+        consolidate(path, storage_options)
+    return changes
 
 
 def _apply_drops(
