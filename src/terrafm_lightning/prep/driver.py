@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -151,10 +151,7 @@ def run_shards(
 
     def flush() -> None:
         nonlocal last_flush
-        write_records(root, {i: {**r, SKIP_REASON: ""} for i, r in buffer.items()}, marker)
-        if errors:
-            idx = np.array(sorted(errors))
-            write_column(root, SKIP_REASON, idx, np.array([errors[i] for i in idx]))
+        flush_records(root, buffer, errors, marker)
         buffer.clear()
         errors.clear()
         lock.beat()
@@ -181,6 +178,22 @@ def run_shards(
         results.close()  # shuts the dask cluster down before the final metadata write
         flush()
     return report
+
+
+def flush_records(
+    root: zarr.Group,
+    records: Mapping[int, Mapping[str, Any]],
+    errors: Mapping[int, str],
+    marker: str = WRITTEN,
+) -> None:
+    """Write finished samples (metadata, cleared ``skip_reason``, then ``marker``) and failures.
+
+    Touches only the metadata chunks holding these samples: the cost does not grow with the store.
+    """
+    write_records(root, {i: {**r, SKIP_REASON: ""} for i, r in records.items()}, marker)
+    if errors:
+        idx = np.array(sorted(errors))
+        write_column(root, SKIP_REASON, idx, np.array([errors[i] for i in idx]))
 
 
 def set_dropped(root: zarr.Group, drop: np.ndarray) -> tuple[list[int], list[int]]:

@@ -150,7 +150,7 @@ def exists(path: str, storage_options: Mapping[str, Any] | None = None) -> bool:
         fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
         return bool(fs.exists(f"{root.rstrip('/')}/zarr.json"))
     except Exception as err:
-        raise StoreError(f"cannot reach store path {path}: {err}") from err
+        raise StoreError(f"cannot open store at {path}: unreachable: {err}") from err
 
 
 def require_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
