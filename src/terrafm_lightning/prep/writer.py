@@ -27,7 +27,7 @@ from terrafm_lightning.store.format import (
     update_class_frequencies,
 )
 from terrafm_lightning.store.records import Sample, sample_record, write_pixels
-from terrafm_lightning.store.schema import WRITTEN, Encoding, nodata_mask
+from terrafm_lightning.store.schema import WRITTEN, Encoding
 
 
 def source_digest(plan: Any) -> str:
@@ -77,22 +77,23 @@ def sample_shard_task(
     indices: Sequence[int],
 ) -> TaskResult:
     """Build the samples of one shard, write their pixels and return their metadata."""
-    samples, errors = guarded(indices, partial(_checked_sample, make_sample))
-    if not samples:
-        return TaskResult({}, errors)
     root = open_store(path, mode="r+", storage_options=storage_options)
-    ok = sorted(samples)
-    write_pixels(root, ok, [samples[i] for i in ok])
-    attrs = root.attrs.asdict()
-    return TaskResult({i: sample_record(attrs, samples[i]) for i in ok}, errors)
+    made, errors = guarded(indices, partial(_checked_sample, make_sample, root.attrs.asdict()))
+    ok = sorted(made)
+    if ok:
+        write_pixels(root, ok, [made[i][0] for i in ok])
+    return TaskResult({i: made[i][1] for i in ok}, errors)
 
 
-def _checked_sample(make_sample: Callable[[int], Sample], index: int) -> Sample:
-    """``make_sample(index)``, refusing a tile whose every modality is nodata."""
+def _checked_sample(
+    make_sample: Callable[[int], Sample], attrs: Mapping[str, Any], index: int
+) -> tuple[Sample, dict[str, Any]]:
+    """``make_sample(index)`` and its record, refusing a tile whose every modality is nodata."""
     sample = make_sample(index)
-    if all(nodata_mask(m, p).all() for m, p in sample.pixels.items()):
+    record = sample_record(attrs, sample)
+    if not record["available"].any():
         raise ValueError(f"tile {sample.grid_cell}/{sample.tile_index} is empty or all nodata")
-    return sample
+    return sample, record
 
 
 def write_tiles(

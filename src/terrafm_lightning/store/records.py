@@ -88,11 +88,13 @@ def write_pixels(root: zarr.Group, indices: Sequence[int], samples: Sequence[Sam
     """
     size = int(root.attrs["tile_size"])
     for m in root.attrs["modalities"]:
-        n_bands = len(BANDS[m])
-        block = np.full((len(samples), n_bands, size, size), NODATA[m], PIXEL_DTYPES[m])
-        for k, sample in enumerate(samples):
-            if m in sample.pixels:
-                block[k] = sample.pixels[m]
+        if all(m in s.pixels for s in samples):
+            block = np.stack([s.pixels[m] for s in samples]).astype(PIXEL_DTYPES[m], copy=False)
+        else:
+            block = np.full((len(samples), len(BANDS[m]), size, size), NODATA[m], PIXEL_DTYPES[m])
+            for k, sample in enumerate(samples):
+                if m in sample.pixels:
+                    block[k] = sample.pixels[m]
         write_rows(root[m], indices, block)
     if all(s.worldcover is not None for s in samples):
         write_rows(root["worldcover"], indices, np.stack([s.worldcover for s in samples]))
@@ -103,8 +105,10 @@ def write_rows(array: zarr.Array, indices: Sequence[int], block: np.ndarray) -> 
 
     A whole-shard run is one write without read-modify-write of the shard.
     """
-    order = np.argsort(indices)
-    idx, block = np.asarray(indices)[order], block[order]
+    idx = np.asarray(indices)
+    if (np.diff(idx) < 0).any():  # reorder (a copy) only when needed
+        order = np.argsort(idx)
+        idx, block = idx[order], block[order]
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True):
         array[int(idx[start]) : int(idx[stop - 1]) + 1] = block[start:stop]

@@ -145,4 +145,6 @@ def nodata_mask(modality: str, pixels: np.ndarray) -> np.ndarray:
     """(y, x) True where any band of ``pixels`` (band, y, x) is nodata."""
     if np.isnan(NODATA[modality]):
         return np.isnan(pixels).any(axis=0)
+    if NODATA[modality] == 0 and pixels.dtype.kind == "u":
+        return pixels.min(axis=0) == 0  # one reduction, no (band, y, x) boolean temporary
     return (pixels == NODATA[modality]).any(axis=0)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
 
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
@@ -129,6 +130,32 @@ def plan_geotiffs(
     return GeoTiffPlan([files[k] for k in keys], keys, list(used), notes)
 
 
+@lru_cache(maxsize=2)
+def decode_location(
+    files: tuple[tuple[str, str], ...], size: int
+) -> tuple[dict[str, np.ndarray], CRS, rasterio.Affine, dict[str, np.datetime64]]:
+    """(pixels, crs, transform, times) of one location in store units on the reference grid.
+
+    Cached: the tiles cut from one file decode it once.
+    """
+    paths = dict(files)
+    decoded = {m: read_geotiff(Path(paths[m])) for m in GRID_PRIORITY if m in paths}
+    _, crs, transform, _, _ = next(iter(decoded.values()))
+    pixels: dict[str, np.ndarray] = {}
+    times: dict[str, np.datetime64] = {}
+    for m, (raw, src_crs, src_transform, nodata, tags) in decoded.items():
+        path = paths[m]
+        if src_crs is None:
+            raise InputError(f"{path} has no CRS; cannot co-register it")
+        data = to_store_dtype(m, select_bands(m, raw, path), nodata)
+        pixels[m] = align(data, src_crs, src_transform, crs, transform, (size, size), NODATA[m])
+        if pixels[m].shape[1:] != (size, size):
+            raise InputError(f"{path} is {data.shape[1:]} px; expected {(size, size)} (tile size)")
+        if "datetime" in tags:
+            times[m] = np.datetime64(tags["datetime"][:19], "s")
+    return pixels, crs, transform, times
+
+
 def geotiff_sample(
     locations: Sequence[Mapping[str, str]],
     keys: Sequence[str],
@@ -138,32 +165,16 @@ def geotiff_sample(
 ) -> Sample:
     """Sample ``index``: tile ``index % tiles**2`` of location ``index // tiles**2``."""
     location, tile_index = divmod(index, tiles_per_side**2)
-    files = locations[location]
-    reference = next(m for m in GRID_PRIORITY if m in files)
-    shape = (tile_size * tiles_per_side,) * 2
+    files = tuple(sorted(locations[location].items()))
+    pixels, crs, transform, times = decode_location(files, tile_size * tiles_per_side)
     rows, cols = tile_window(tile_index, tiles_per_side, tile_size)
-    decoded = {m: read_geotiff(Path(files[m])) for m in GRID_PRIORITY if m in files}
-    _, crs, transform, _, _ = decoded[reference]
-    pixels: dict[str, np.ndarray] = {}
-    times: dict[str, np.datetime64] = {}
-    for m, (raw, src_crs, src_transform, nodata, tags) in decoded.items():
-        path = files[m]
-        if src_crs is None:
-            raise InputError(f"{path} has no CRS; cannot co-register it")
-        data = to_store_dtype(m, select_bands(m, raw, path), nodata)
-        data = align(data, src_crs, src_transform, crs, transform, shape, NODATA[m])
-        if data.shape[1:] != shape:
-            raise InputError(f"{path} is {data.shape[1:]} px; expected {shape} (tile size)")
-        pixels[m] = np.ascontiguousarray(data[:, rows, cols])
-        if "datetime" in tags:
-            times[m] = np.datetime64(tags["datetime"][:19], "s")
     return Sample(
-        pixels=pixels,
+        pixels={m: np.ascontiguousarray(p[:, rows, cols]) for m, p in pixels.items()},
         grid_cell=keys[location],
         tile_index=tile_index,
         crs=crs.to_string(),
         transform=tile_transform(transform, tile_index, tiles_per_side, tile_size),
-        times=times,
+        times=dict(times),
     )
 
 
