@@ -31,10 +31,10 @@ from terrafm_lightning.store.format import shard_groups
 from terrafm_lightning.store.records import write_column, write_records
 from terrafm_lightning.store.schema import DROPPED, SKIP_REASON, WRITTEN
 
-FLUSH_SECONDS = 10.0
+FLUSH_SECONDS = 2.0
 """The driver writes buffered metadata at most this often (and at the end): a flush costs a
-constant ~0.2 s (read-modify-write of one chunk per metadata array), and a killed run redoes at
-most this much work."""
+constant ~0.2 s (read-modify-write of one chunk per metadata array, whatever the store size),
+and a killed run redoes at most this much finished work."""
 
 
 @dataclass
