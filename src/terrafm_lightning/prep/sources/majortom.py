@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 from rasterio.io import MemoryFile
@@ -75,9 +76,10 @@ def harmonise_s2(dn: np.ndarray, offset: bool) -> np.ndarray:
         dn = np.clip(dn, 0, 65535).astype(np.uint16)
     if not offset:
         return dn
+    nodata = dn == 0
     out = np.maximum(dn, S2_OFFSET + 1)  # uint16 throughout: DN 1..1000 end at 1 (valid)
     out -= S2_OFFSET
-    out[dn == 0] = 0
+    out[nodata] = 0
     return out
 
 
@@ -128,7 +130,10 @@ def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, d
 
 
 def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
-    """One parquet row (the row group holding it, then the row), restricted to ``columns``."""
+    """One parquet row (the row group holding it, then the row), restricted to ``columns``.
+
+    Binary values come back as zero-copy ``pyarrow`` buffers, other values as Python objects.
+    """
     try:
         meta = pq.ParquetFile(file)
         start = 0
@@ -136,7 +141,14 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
             rows = meta.metadata.row_group(group).num_rows
             if row < start + rows:
                 table = meta.read_row_group(group, columns=list(columns))
-                return table.slice(row - start, 1).to_pylist()[0]
+                values = {}
+                for name in table.column_names:
+                    value = table.column(name)[row - start]
+                    is_binary = pa.types.is_binary(value.type) or pa.types.is_large_binary(
+                        value.type
+                    )
+                    values[name] = value.as_buffer() if is_binary else value.as_py()
+                return values
             start += rows
     except InputError:
         raise
@@ -145,34 +157,37 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
     raise InputError(f"{file} has no row {row}")
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=6)
 def decode_cell(
     modality: str, file: str, row: int, product_id: str, timestamp: str
 ) -> tuple[np.ndarray, rasterio.crs.CRS, rasterio.Affine]:
-    """A cell's bands (band, y, x) in store units, with the grid of its first band."""
-    values = _row(file, row, ("grid_cell", *COLUMNS[modality]))
-    bands, grid = [], None
-    for column in COLUMNS[modality]:
+    """A cell's bands (band, y, x) in store units, with the grid of its first band.
+
+    Cached for the tiles cut from the cell (two cells of three modalities per process).
+    """
+    columns = COLUMNS[modality]
+    values = _row(file, row, ("grid_cell", *columns))
+    stack, grid = None, None
+    for k, column in enumerate(columns):
         blob = values.get(column)
-        if not blob:
+        if blob is None or not blob.size:
             raise InputError(f"{file} row {row} ({values['grid_cell']}): empty column {column}")
         try:
-            with MemoryFile(blob) as mem, mem.open() as src:
-                band = src.read(1)
-                this = (src.crs, src.transform, band.shape)
+            with MemoryFile(memoryview(blob)) as mem, mem.open() as src:
+                this = (src.crs, src.transform, src.shape)
+                if grid is None:
+                    grid = this
+                    stack = np.empty((len(columns), *src.shape), src.dtypes[0])
+                if this[0] != grid[0] or this[2] != grid[2] or not this[1].almost_equals(grid[1]):
+                    raise InputError(
+                        f"{file} row {row} ({values['grid_cell']}) column {column}: grid "
+                        f"{this[2]} differs from column {columns[0]} {grid[2]}"
+                    )
+                src.read(1, out=stack[k])  # straight into the stack: no per-band copy
         except rasterio.errors.RasterioError as err:
             raise InputError(
                 f"{file} row {row} ({values['grid_cell']}) column {column}: not a GeoTIFF: {err}"
             ) from err
-        if grid is None:
-            grid = this
-        elif this[0] != grid[0] or this[2] != grid[2] or not this[1].almost_equals(grid[1]):
-            raise InputError(
-                f"{file} row {row} ({values['grid_cell']}) column {column}: grid "
-                f"{this[2]} differs from column {COLUMNS[modality][0]} {grid[2]}"
-            )
-        bands.append(band)
-    stack = np.stack(bands)
     if modality == "s1":
         data = linear_to_db(stack)
     else:
