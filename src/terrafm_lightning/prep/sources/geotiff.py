@@ -28,6 +28,7 @@ from rasterio.crs import CRS
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.pairing import pair_inputs
 from terrafm_lightning.prep.raster import (
     align,
     read_geotiff,
@@ -114,20 +115,14 @@ def plan_geotiffs(
             matched += 1
         if not matched:
             raise InputError(f"{directory}: no file name matches --match {match!r}")
-    complete = [k for k in sorted(files) if len(files[k]) == len(used)]
-    partial_keys = [k for k in sorted(files) if len(files[k]) < len(used)]
-    action = "kept (--allow-missing)" if not require_all else "left out"
-    for key in partial_keys:
-        missing = ", ".join(m for m in used if m not in files[key])
-        notes += [f"unpaired ({action}, no {missing}): {f}" for f in files[key].values()]
-    keys = sorted(files) if not require_all else complete
-    if not keys:
-        raise InputError(
-            f"no location under {root} has all of {', '.join(used)} "
-            f"({sum(len(files[k]) for k in partial_keys)} unpaired files): the names must share "
-            "a stem (or give --match), or pass --allow-missing"
-        )
-    return GeoTiffPlan([files[k] for k in keys], keys, list(used), notes)
+    keys, unpaired = pair_inputs(
+        files,
+        list(used),
+        require_all,
+        f"under {root}",
+        "the file names must share a stem (or give --match)",
+    )
+    return GeoTiffPlan([files[k] for k in keys], keys, list(used), notes + unpaired)
 
 
 @lru_cache(maxsize=2)

@@ -32,6 +32,7 @@ from rasterio.io import MemoryFile
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.pairing import pair_inputs
 from terrafm_lightning.prep.raster import align, tile_transform, tile_window
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
@@ -105,15 +106,24 @@ def read_metadata(root: Path) -> pd.DataFrame:
     return meta.drop_duplicates("grid_cell", keep="first")
 
 
-def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, dict[str, Any]]]:
-    """Per grid cell (sorted), modality -> {file, row, product_id, timestamp}."""
+def plan_cells(
+    roots: Mapping[str, Path], require_all: bool
+) -> tuple[list[dict[str, dict[str, Any]]], list[str]]:
+    """Per grid cell (sorted), modality -> {file, row, product_id, timestamp}, and notes.
+
+    The notes list each input of a cell lacking a modality, one line each.
+    """
     tables = {m: read_metadata(Path(r)).set_index("grid_cell") for m, r in roots.items()}
-    cells = sorted(set().union(*(t.index for t in tables.values())))
-    if require_all:
-        cells = [c for c in cells if all(c in t.index for t in tables.values())]
-    if not cells:
-        raise InputError(f"no grid cell common to {', '.join(str(r) for r in roots.values())}")
-    return [
+    found = {
+        c: {m: f"{t.at[c, 'file']} row {t.at[c, 'parquet_row']} ({c})" for m, t in tables.items()
+            if c in t.index}
+        for c in sorted(set().union(*(t.index for t in tables.values())))
+    }  # fmt: skip
+    places = ", ".join(str(r) for r in roots.values())
+    cells, notes = pair_inputs(
+        found, list(roots), require_all, f"in {places}", "check that they share grid_cell values"
+    )
+    planned = [
         {
             m: {
                 "file": t.at[c, "file"],
@@ -127,6 +137,7 @@ def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, d
         | {"_cell": c}
         for c in cells
     ]
+    return planned, notes
 
 
 def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
@@ -249,14 +260,17 @@ def prepare_majortom(
         overwrite: replace an existing store at ``path``.
         storage_options: fsspec options of the output store.
         **run_options: options of :func:`driver.run_shards`.
+
+    Returns:
+        The run's report; ``notes`` lists the inputs of cells lacking a modality.
     """
     if cell_size % tile_size:
         raise InputError(f"cell size {cell_size} is not a multiple of tile size {tile_size}")
     tiles_per_side = cell_size // tile_size
-    cells = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
+    cells, notes = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
     modalities = [m for m in MODALITIES if m in roots]
     plan = {"kind": "majortom", "cells": cells, "tile_size": tile_size, "cell_size": cell_size}
-    return write_tiles(
+    report = write_tiles(
         path,
         partial(majortom_sample, cells, tile_size, tiles_per_side),
         len(cells) * tiles_per_side**2,
@@ -269,3 +283,5 @@ def prepare_majortom(
         storage_options=storage_options,
         **run_options,
     )
+    report.notes = notes + report.notes
+    return report
