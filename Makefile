@@ -51,8 +51,10 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks data_prep
 	$(BIN)/ruff format --check src tests benchmarks data_prep
 
-# Data preparation (terrafm-data; see docs/data_store.md). STORE is the output store path or URL.
+# Data preparation (terrafm-data; see docs/data_store.md). STORE is the output store path or URL;
+# OPTS adds options to the command, e.g. OPTS="--match '(?P<key>.+)_s[12]_(?P<p>.+)\.tif'".
 STORE ?= data/store.zarr
+OPTS ?=
 SAMPLES ?= 256
 TILE_SIZE ?= 534
 GEOTIFF ?= ../shared/data/terramind_examples
@@ -60,21 +62,21 @@ WORLDCOVER ?= ../shared/data/worldcover
 MAJORTOM ?= data/majortom
 
 data-synthetic: install
-	$(BIN)/terrafm-data synthetic $(STORE) --samples $(SAMPLES) --tile-size $(TILE_SIZE)
+	$(BIN)/terrafm-data synthetic $(STORE) --samples $(SAMPLES) --tile-size $(TILE_SIZE) $(OPTS)
 
 # MAJORTOM holds Core-S1RTC, Core-S2L1C and Core-S2L2A folders (metadata.parquet + images/).
 data-majortom: install
 	$(BIN)/terrafm-data majortom $(STORE) --s1 $(MAJORTOM)/Core-S1RTC \
-		--s2-l1c $(MAJORTOM)/Core-S2L1C --s2-l2a $(MAJORTOM)/Core-S2L2A --tile-size $(TILE_SIZE)
+		--s2-l1c $(MAJORTOM)/Core-S2L1C --s2-l2a $(MAJORTOM)/Core-S2L2A --tile-size $(TILE_SIZE) $(OPTS)
 
 data-geotiff: install
-	$(BIN)/terrafm-data geotiff $(GEOTIFF) $(STORE)
+	$(BIN)/terrafm-data geotiff $(GEOTIFF) $(STORE) $(OPTS)
 
 data-worldcover: install
-	$(BIN)/terrafm-data worldcover $(STORE) $(WORLDCOVER)
+	$(BIN)/terrafm-data worldcover $(STORE) $(WORLDCOVER) $(OPTS)
 
 data-stats: install
-	$(BIN)/terrafm-data stats $(STORE)
+	$(BIN)/terrafm-data stats $(STORE) $(OPTS)
 
 data-validate: install
-	$(BIN)/terrafm-data validate $(STORE)
+	$(BIN)/terrafm-data validate $(STORE) $(OPTS)

@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader
 from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
-from terrafm_lightning.store.format import NODATA, PIXEL_DTYPES, open_store
+from terrafm_lightning.store.format import open_store
+from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
 
 EMPTY = 2**64 - 1
 """Shard-index offset of an inner chunk that was never written."""

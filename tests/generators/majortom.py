@@ -1,5 +1,6 @@
 """Major-TOM Core fixtures in the published layout: metadata.parquet + images/*.parquet."""
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,14 @@ def geotiff_bytes(band: np.ndarray, x0: float, driver: str = "GTiff") -> bytes:
 
 
 def cell_pixels(k: int) -> dict[str, np.ndarray]:
-    scene = synthetic_scene(5, 4 * k, CELL)
-    full = synthetic_scene(5, 0, CELL).pixels  # every modality present
+    """Store-unit pixels of fixture cell ``k`` (every modality; read-only, cached)."""
+    return _cell_pixels(k, CELL)
+
+
+@cache
+def _cell_pixels(k: int, size: int) -> dict[str, np.ndarray]:
+    scene = synthetic_scene(5, 4 * k, size)
+    full = synthetic_scene(5, 0, size).pixels  # every modality present
     return {m: scene.pixels.get(m, full[m]) for m in full}
 
 
@@ -89,3 +96,24 @@ def write_fixture(root: Path, skip: dict[str, set] | None = None) -> dict[str, P
         pq.write_table(pa.Table.from_pylist(meta), root / folder / "metadata.parquet")
         out[m] = root / folder
     return out
+
+
+def write_geotiff_cells(root: Path) -> Path:
+    """The fixture's cells as co-registered GeoTIFF folders (the ``geotiff`` layout).
+
+    ``S1RTC`` (dB), ``S2L1C`` (13 bands, B10 at its place) and ``S2L2A`` under ``root``, one
+    ``<cell>.tif`` each per cell.
+    """
+    from tests.generators.stores import write_tif
+
+    for k, cell in enumerate(CELLS):
+        pixels = cell_pixels(k)
+        l1c = np.insert(pixels["s2_l1c"], 10, np.full((CELL, CELL), 20, np.uint16), axis=0)
+        transform = from_origin(300000.0 + 1000 * k, 5e6, 10, 10)
+        for folder, data, nodata in (
+            ("S1RTC", pixels["s1"], np.nan),
+            ("S2L1C", l1c, 0),
+            ("S2L2A", pixels["s2_l2a"], 0),
+        ):
+            write_tif(root / folder / f"{cell}.tif", data, CRS, transform, nodata)
+    return root

@@ -1,6 +1,5 @@
 """Bad input on the prep side: clear errors naming file and tile, or counted skips."""
 
-import shutil
 import subprocess
 import sys
 
@@ -10,24 +9,21 @@ import rasterio
 import xarray as xr
 
 from terrafm_lightning.prep.cli import main
-from terrafm_lightning.prep.driver import PrepError
-from terrafm_lightning.prep.sources.geotiff import InputError, prepare_geotiff
+from terrafm_lightning.prep.errors import InputError, PrepError
+from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.majortom import prepare_majortom
 from terrafm_lightning.store.format import StoreError
 from terrafm_lightning.store.validate import validate_store
 from tests.conftest import shared_path
 from tests.generators.majortom import CELL, write_fixture
+from tests.generators.stores import copy_terramind
 
 RUN = {"scheduler": "sync", "progress": False}
 
 
 @pytest.fixture
 def geotiffs(tmp_path):
-    src = shared_path("data", "terramind_examples")
-    dst = tmp_path / "src"
-    for folder in ("S1RTC", "S2L1C", "S2L2A"):
-        shutil.copytree(src / folder, dst / folder)
-    return dst
+    return copy_terramind(shared_path("data", "terramind_examples"), tmp_path / "src")
 
 
 def test_truncated_geotiff_stops_naming_file_or_is_skipped(geotiffs, tmp_path):
@@ -40,7 +36,7 @@ def test_truncated_geotiff_stops_naming_file_or_is_skipped(geotiffs, tmp_path):
     assert report.done == 4 and list(report.skipped) == [1]
     ds = xr.open_zarr(out)
     assert ds["written"].values.tolist() == [True, False, True, True, True]
-    assert "38D_378R_2_3" in ds.attrs["skipped"]["1"]
+    assert "38D_378R_2_3" in ds["skip_reason"].values[1] and ds["skip_reason"].values[0] == ""
     assert not any("not written" in p for p in validate_store(out))
 
 

@@ -8,7 +8,9 @@ from terrafm_lightning.prep.passes.worldcover import prepare_worldcover
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
+from terrafm_lightning.store.records import write_sample
 from tests.conftest import shared_path
+from tests.generators.stores import write_tif
 
 
 def test_geotiff_real_samples_pixel_equal(tmp_path):
@@ -42,7 +44,7 @@ def test_worldcover_real_cog_pixel_equal(tmp_path):
             (10, 0, x0, 0, -10, y0),
             None,
         )
-        st.write_sample(root, i, sample)
+        write_sample(root, i, sample)
     prepare_worldcover(path, [str(cog)], scheduler="sync", progress=False)
     ds = xr.open_zarr(path)
     rows, cols = np.mgrid[0:size, 0:size]
@@ -58,28 +60,18 @@ def test_worldcover_real_cog_pixel_equal(tmp_path):
     assert abs(sum(ds.attrs["class_frequencies"].values()) - 1) < 1e-6
 
 
-def _write_tif(path, pixels, crs, transform, nodata):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    profile = {"driver": "GTiff", "count": pixels.shape[0], "dtype": pixels.dtype.name}
-    with rasterio.open(
-        path, "w", **profile, height=pixels.shape[1], width=pixels.shape[2], crs=crs,
-        transform=transform, nodata=nodata,
-    ) as f:  # fmt: skip
-        f.write(pixels)
-
-
 def test_geotiff_reprojects_other_grids_onto_the_s2_grid(tmp_path):
     rng = np.random.default_rng(0)
     size = 32
     s2_grid = rasterio.Affine(10, 0, 500105, 0, -10, 4000705)
     for folder, bands in (("S2L2A", 12), ("S2L1C", 13)):
         pixels = rng.integers(1, 5000, (bands, size, size)).astype(np.uint16)
-        _write_tif(tmp_path / "src" / folder / "cell.tif", pixels, "EPSG:32632", s2_grid, 0)
+        write_tif(tmp_path / "src" / folder / "cell.tif", pixels, "EPSG:32632", s2_grid, 0)
     # S1 on a coarser, shifted grid in the neighbouring UTM zone: it must be warped (nearest).
     s1_grid = rasterio.Affine(20, 0, 1_039_900, 0, -20, 4_017_600)
     s1 = rng.normal(-12, 3, (2, 60, 60)).astype(np.float32)
     s1_path = tmp_path / "src" / "S1RTC" / "cell.tif"
-    _write_tif(s1_path, s1, "EPSG:32631", s1_grid, np.nan)
+    write_tif(s1_path, s1, "EPSG:32631", s1_grid, np.nan)
     out = str(tmp_path / "geo.zarr")
     prepare_geotiff(str(tmp_path / "src"), out, scheduler="sync", progress=False)
     got = xr.open_zarr(out)["s1"].values[0]

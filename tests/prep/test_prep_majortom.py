@@ -26,7 +26,11 @@ def test_majortom_fixture_to_store(tmp_path):
         scheduler="sync",
         progress=False,
     )
-    assert report.done == 8  # the cell without S1 is dropped: 2 cells x 4 tiles
+    assert report.done == 8  # the cell without S1 is left out, and listed: 2 cells x 4 tiles
+    assert len(report.notes) == 2 and all(
+        n.startswith("unpaired (left out, no s1): ") and n.endswith("(12U_21R)")
+        for n in report.notes
+    )
     ds = xr.open_zarr(out)
     assert list(ds["grid_cell"].values) == ["10U_20R"] * 4 + ["11U_20R"] * 4
     assert list(ds["tile_index"].values) == [0, 1, 2, 3] * 2

@@ -6,6 +6,7 @@ from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
+from terrafm_lightning.store.records import worldcover_summary, write_sample
 from terrafm_lightning.store.validate import validate_store
 
 
@@ -13,7 +14,7 @@ def test_write_sample_resume_marker_and_xarray(tmp_path):
     path = str(tmp_path / "s.zarr")
     root = st.create_store(path, 6, 32, encoding=st.Encoding(samples_per_shard=4))
     sample = synthetic_scene(3, 1, 32)
-    st.write_sample(root, 5, sample)
+    write_sample(root, 5, sample)
     assert st.pending(root).tolist() == [0, 1, 2, 3, 4]
     assert st.shard_groups(root, st.pending(root)) == [[0, 1, 2, 3], [4]]
     st.consolidate(path)
@@ -22,7 +23,7 @@ def test_write_sample_resume_marker_and_xarray(tmp_path):
     for m, pixels in sample.pixels.items():
         np.testing.assert_array_equal(ds[m].values[5], pixels)
     assert ds["grid_cell"].values[5] == sample.grid_cell
-    assert ds["dominant_class"].values[5] == st.worldcover_summary(sample.worldcover)[2]
+    assert ds["dominant_class"].values[5] == worldcover_summary(sample.worldcover)[2]
     assert ds["s2_l2a"].encoding["chunks"] == (1, 12, 32, 32)
 
 
@@ -57,7 +58,7 @@ def test_validate_reports_unwritten_and_bad_metadata(tmp_path):
     path = str(tmp_path / "s.zarr")
     root = st.create_store(path, 4, 16, encoding=st.Encoding(samples_per_shard=2))
     for i in range(3):
-        st.write_sample(root, i, synthetic_scene(0, i, 16))
+        write_sample(root, i, synthetic_scene(0, i, 16))
     root["nodata_fraction"][1, 2] = 0.5
     problems = validate_store(path, deep_samples=4)
     assert any("1 samples not written" in p for p in problems)

@@ -41,7 +41,7 @@ from terrafm_lightning.demo.evaluate import (
 from terrafm_lightning.demo.report import rare_class_accuracy, write_report
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import TerraFM
-from terrafm_lightning.prep import cli as prep_cli
+from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
 from terrafm_lightning.store.format import open_store
 
 RGB_BANDS = ("B04", "B03", "B02")
@@ -99,16 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def write_store(args: argparse.Namespace, store: Path) -> None:
-    """``terrafm-data synthetic`` in process (no dask cluster: the tiles are small)."""
-    command = [
-        "synthetic", str(store), "--samples", str(args.samples),
-        "--tile-size", str(args.tile_size), "--seed", str(args.seed),
-        "--gain-range", *map(str, args.gain_range), "--nuisance", str(args.nuisance),
-        "--scheduler", "sync", "--overwrite",
-    ]  # fmt: skip
-    print("$ terrafm-data " + " ".join(command), flush=True)
-    if prep_cli.main(command):
-        raise RuntimeError(f"terrafm-data synthetic failed for {store}")
+    """``terrafm-data synthetic`` through its Python API (no dask cluster: the tiles are small)."""
+    print(f"$ terrafm-data synthetic {store} --samples {args.samples} ...", flush=True)
+    report = prepare_synthetic(
+        str(store),
+        args.samples,
+        args.tile_size,
+        args.seed,
+        tuple(args.gain_range),
+        nuisance=args.nuisance,
+        overwrite=True,
+        scheduler="sync",
+    )
+    print(report.summary(), flush=True)
 
 
 def pretrain(args: argparse.Namespace, store: Path) -> Any:

@@ -8,19 +8,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from terrafm_lightning.prep.driver import PrepError, PrepReport
+from terrafm_lightning.prep.driver import PrepReport
+from terrafm_lightning.prep.errors import InputError, PrepError
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.passes.worldcover import prepare_worldcover
-from terrafm_lightning.prep.sources.geotiff import DEFAULT_FOLDERS, InputError, prepare_geotiff
+from terrafm_lightning.prep.sources.geotiff import DEFAULT_FOLDERS, prepare_geotiff
 from terrafm_lightning.prep.sources.majortom import prepare_majortom
 from terrafm_lightning.prep.sources.synthetic import GAIN_RANGE, S2_NOISE, prepare_synthetic
-from terrafm_lightning.store.format import Encoding, StoreError
+from terrafm_lightning.store.format import StoreError
+from terrafm_lightning.store.schema import Encoding
 from terrafm_lightning.store.validate import validate_store
 
 
 def _option_groups() -> dict[str, argparse.ArgumentParser]:
     """Options shared by several subcommands, each defined once (argparse parent parsers)."""
-    names = ("storage", "dask", "run", "write")
+    names = ("storage", "dask", "progress", "run", "write")
     groups = {k: argparse.ArgumentParser(add_help=False) for k in names}
     groups["storage"].add_argument(
         "--storage-options",
@@ -40,8 +42,10 @@ def _option_groups() -> dict[str, argparse.ArgumentParser]:
     p.add_argument(
         "--workers", type=int, default=None, help="LocalCluster worker processes (default: CPUs)"
     )
+    groups["progress"].add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar"
+    )
     p = groups["run"]
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip and count bad tiles instead of stopping"
     )
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="terrafm-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     groups = _option_groups()
-    run = [groups["storage"], groups["dask"], groups["run"]]
+    run = [groups["storage"], groups["dask"], groups["progress"], groups["run"]]
     prep = [*run, groups["write"]]
     output = "store path or URL to write (local path or fsspec URL such as s3://bucket/x.zarr)"
     tile_size = "tile height and width in pixels"
@@ -124,8 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{m.replace('_', '-')}-folder",
             default=folder,
             dest=f"folder_{m}",
-            help=f"sub-folder of the {m} GeoTIFFs (default: {folder})",
+            help=f"sub-folder of the {m} GeoTIFFs, or 'none' for no {m} (default: {folder})",
         )
+    p.add_argument(
+        "--match",
+        default=None,
+        metavar="REGEX",
+        help="regular expression matched against each file name; its named groups, joined by "
+        "'_', are the location key that pairs files (default: the file stem)",
+    )
     p.add_argument("--allow-missing", action="store_true", help="keep locations lacking a modality")
 
     p = sub.add_parser("majortom", parents=prep, help="Major-TOM Core parquet files -> store")
@@ -163,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "stats",
-        parents=[groups["storage"], groups["dask"]],
+        parents=[groups["storage"], groups["dask"], groups["progress"]],
         help="exact per-band mean/std written into the store",
     )
     p.add_argument("store", help="store path or URL")
@@ -198,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
             args.source,
             args.output,
             args.tile_size,
-            folders,
+            {m: None if f.lower() == "none" else f for m, f in folders.items()},
             not args.allow_missing,
+            args.match,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),
@@ -232,7 +244,9 @@ def run(args: argparse.Namespace) -> int:
             **_run_options(args),
         )
     elif args.command == "stats":
-        stats = compute_stats(args.store, args.storage_options, args.scheduler, args.workers)
+        stats = compute_stats(
+            args.store, args.storage_options, args.scheduler, args.workers, not args.no_progress
+        )
         for m, s in stats.items():
             print(f"{m}: mean {[round(v, 2) for v in s['mean']]}")
             print(f"{' ' * len(m)}  std  {[round(v, 2) for v in s['std']]}")
@@ -246,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
         print(report.summary())
         for reason in report.skipped.values():
             print(f"skipped {reason}")
+        for note in report.notes:
+            print(note)
     return 0
 
 

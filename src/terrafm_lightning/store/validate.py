@@ -1,4 +1,4 @@
-"""``terrafm-data validate``: check a store against the format and report problems."""
+"""``terrafm-data validate``: check a store against :mod:`store.schema` and report problems."""
 
 from __future__ import annotations
 
@@ -8,29 +8,29 @@ from typing import Any
 import numpy as np
 
 from terrafm_lightning.modalities import BANDS, MODALITIES
-from terrafm_lightning.store.format import (
+from terrafm_lightning.store.format import StoreError, open_store
+from terrafm_lightning.store.records import worldcover_summary
+from terrafm_lightning.store.schema import (
+    DROPPED,
     NODATA,
-    PIXEL_DTYPES,
+    REQUIRED_ATTRS,
+    SKIP_REASON,
     WORLDCOVER_CODES,
     WORLDCOVER_WRITTEN,
     WRITTEN,
-    StoreError,
     nodata_mask,
-    open_store,
-    worldcover_summary,
+    store_arrays,
 )
-
-REQUIRED_ATTRS = ("modalities", "bands", "units", "scale_offset", "worldcover_classes", "tile_size")
 
 
 def validate_store(
     path: str, deep_samples: int = 16, storage_options: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """Problems found in the store at ``path`` (empty when it is valid).
+    """Problems found in the store at ``path`` (empty when it is valid); opens it read-only.
 
-    Checks attributes, array shapes/dtypes/dimension names, resume markers, metadata
-    consistency, and recomputes nodata fractions and WorldCover summaries from the pixels of
-    ``deep_samples`` evenly spread written samples.
+    Checks attributes, every array of the schema (shape, dtype, dimension names), resume
+    markers, metadata consistency, and recomputes nodata fractions and WorldCover summaries from
+    the pixels of ``deep_samples`` evenly spread written samples.
     """
     try:
         root = open_store(path, storage_options=storage_options)
@@ -40,35 +40,45 @@ def validate_store(
     problems = [f"root attribute {a!r} missing" for a in REQUIRED_ATTRS if a not in attrs]
     if problems:
         return problems
-    size = int(attrs["tile_size"])
     modalities = list(attrs["modalities"])
+    if unknown := [m for m in modalities if m not in MODALITIES]:
+        return [f"unknown modalities {unknown} in attribute 'modalities'"]
+    problems += [
+        f"bands of {m!r} are {attrs['bands'].get(m)}; expected {list(BANDS[m])}"
+        for m in modalities
+        if attrs["bands"].get(m) != list(BANDS[m])
+    ]
     names = set(root.array_keys())
     n = root[WRITTEN].shape[0] if WRITTEN in names else 0
-    for m in modalities:
-        if m not in MODALITIES:
-            problems.append(f"unknown modality {m!r} in attribute 'modalities'")
-            continue
-        expected = (n, len(BANDS[m]), size, size)
-        if m not in names:
-            problems.append(f"array {m!r} missing")
-        elif root[m].shape != expected or root[m].dtype != np.dtype(PIXEL_DTYPES[m]):
-            problems.append(
-                f"array {m!r} is {root[m].shape} {root[m].dtype}; expected {expected} "
-                f"{PIXEL_DTYPES[m]}"
-            )
-        elif attrs["bands"].get(m) != list(BANDS[m]):
-            problems.append(f"bands of {m!r} are {attrs['bands'].get(m)}; expected {BANDS[m]}")
-    for name in ("worldcover", WRITTEN, WORLDCOVER_WRITTEN, "available", "nodata_fraction"):
+    for name, spec in store_arrays(modalities, int(attrs["tile_size"])).items():
+        expected = (n, *spec.trailing)
         if name not in names:
             problems.append(f"array {name!r} missing")
-        elif root[name].metadata.dimension_names is None:
-            problems.append(f"array {name!r} has no dimension names (xarray cannot open it)")
+            continue
+        array = root[name]
+        dtype_ok = array.dtype.kind in "OTU" if spec.dtype == "str" else array.dtype == spec.dtype
+        if array.shape != expected or not dtype_ok:
+            problems.append(
+                f"array {name!r} is {array.shape} {array.dtype}; expected {expected} {spec.dtype}"
+            )
+        elif tuple(array.metadata.dimension_names or ()) != spec.dims:
+            problems.append(
+                f"array {name!r} has dimension names {array.metadata.dimension_names}; "
+                f"expected {list(spec.dims)} (xarray needs them)"
+            )
     if problems:
         return problems
+    return _content_problems(root, attrs, modalities, deep_samples)
+
+
+def _content_problems(
+    root: Any, attrs: Mapping[str, Any], modalities: list[str], deep_samples: int
+) -> list[str]:
+    """Resume markers, bookkeeping and metadata against pixels (schema already checked)."""
+    problems = []
     written = root[WRITTEN][:]
-    skipped = {int(k) for k in attrs.get("skipped", {})}
-    unfinished = np.flatnonzero(~written)
-    if missing := [int(i) for i in unfinished if int(i) not in skipped]:
+    accounted = written | root[DROPPED][:] | (root[SKIP_REASON][:] != "")
+    if missing := np.flatnonzero(~accounted).tolist():
         problems.append(
             f"{len(missing)} samples not written (interrupted run? rerun the same command): "
             f"first {missing[:5]}"
@@ -76,33 +86,33 @@ def validate_store(
     no_wc = np.flatnonzero(written & ~root[WORLDCOVER_WRITTEN][:])
     if len(no_wc):
         problems.append(f"{len(no_wc)} written samples lack WorldCover (run `worldcover`)")
-    available = root["available"][:]
-    if (written & ~available.any(axis=1)).any():
+    if (written & ~root["available"][:].any(axis=1)).any():
         problems.append("written samples without any available modality")
-    frequencies = attrs.get("class_frequencies", {})
+    frequencies = attrs["class_frequencies"]
     if frequencies and abs(sum(frequencies.values()) - 1) > 1e-3:
         problems.append(f"class_frequencies sum to {sum(frequencies.values()):.4f}, not 1")
     fractions = root["nodata_fraction"]
-    for i in np.flatnonzero(written)[:: max(1, written.sum() // max(deep_samples, 1))][
-        :deep_samples
-    ]:
+    step = max(1, int(written.sum()) // max(deep_samples, 1))
+    for i in np.flatnonzero(written)[::step][:deep_samples].tolist():
         for k, m in enumerate(modalities):
-            pixels = root[m][int(i)]
+            pixels = root[m][i]
             share = float(nodata_mask(m, pixels).mean())
-            if abs(share - fractions[int(i), k]) > 1e-4:
+            if abs(share - fractions[i, k]) > 1e-4:
                 problems.append(
-                    f"sample {i}: {m} nodata fraction {fractions[int(i), k]:.4f} in metadata, "
+                    f"sample {i}: {m} nodata fraction {fractions[i, k]:.4f} in metadata, "
                     f"{share:.4f} in pixels"
                 )
             if m != "s1" and share < 1 and pixels[pixels != NODATA[m]].max() > 30000:
                 problems.append(f"sample {i}: {m} has DN > 30000 (offset or scale wrong?)")
-        if root[WORLDCOVER_WRITTEN][int(i)]:
-            wc = root["worldcover"][int(i)]
+        if root[WORLDCOVER_WRITTEN][i]:
+            wc = root["worldcover"][i]
             if not set(np.unique(wc).tolist()) <= {0, *WORLDCOVER_CODES}:
                 problems.append(f"sample {i}: WorldCover codes {np.unique(wc)} not all valid")
-            hist, _, dominant = worldcover_summary(wc)
-            if not np.allclose(hist, root["worldcover_hist"][int(i)], atol=1e-5):
+            hist, valid, dominant = worldcover_summary(wc)
+            if not np.allclose(hist, root["worldcover_hist"][i], atol=1e-5):
                 problems.append(f"sample {i}: worldcover_hist does not match the raster")
-            if dominant != root["dominant_class"][int(i)]:
+            if dominant != root["dominant_class"][i]:
                 problems.append(f"sample {i}: dominant_class does not match the raster")
+            if valid > root["worldcover_coverage"][i] + 1e-5:
+                problems.append(f"sample {i}: WorldCover classes outside the maps' coverage")
     return problems

@@ -14,14 +14,9 @@ from typing import Any
 import numpy as np
 
 from terrafm_lightning.prep.driver import map_shards
-from terrafm_lightning.store.format import (
-    NODATA,
-    WRITTEN,
-    consolidate,
-    open_store,
-    shard_groups,
-    store_modalities,
-)
+from terrafm_lightning.prep.lock import store_lock
+from terrafm_lightning.store.format import consolidate, open_store, shard_groups, store_modalities
+from terrafm_lightning.store.schema import NODATA, WRITTEN
 
 Moments = dict[str, np.ndarray]
 
@@ -67,16 +62,35 @@ def compute_stats(
     storage_options: Mapping[str, Any] | None = None,
     scheduler: str = "local",
     workers: int | None = None,
+    progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """Compute and store ``stats`` (mean, std, count, provenance) for every modality."""
-    root = open_store(path, mode="r+", storage_options=storage_options)
-    groups = shard_groups(root, np.flatnonzero(root[WRITTEN][:]))
-    task = partial(stats_shard_task, path, storage_options)
-    totals: dict[str, Moments] = {}
-    for _, result in map_shards(groups, task, scheduler, workers):
-        for m, moments in result.items():
-            totals[m] = merge(totals[m], moments) if m in totals else moments
-    n = sum(len(g) for g in groups)
+    """Compute and store ``stats`` (mean, std, count, provenance) for every modality (public API).
+
+    Args:
+        path: an existing store.
+        storage_options: fsspec options of the store.
+        scheduler: ``"local"``, ``"sync"`` or a dask scheduler address.
+        workers: LocalCluster worker processes (default: CPU count).
+        progress: show a progress bar.
+    """
+    with store_lock(path, storage_options, existing=True):
+        root = open_store(path, mode="r+", storage_options=storage_options)
+        groups = shard_groups(root, np.flatnonzero(root[WRITTEN][:]))
+        task = partial(stats_shard_task, path, storage_options)
+        totals: dict[str, Moments] = {}
+        for _, result in map_shards(groups, task, scheduler, workers, progress, "stats"):
+            for m, moments in result.items():
+                totals[m] = merge(totals[m], moments) if m in totals else moments
+        stats = _summarise(totals, sum(len(g) for g in groups), root, path)
+        root.attrs["stats"] = stats
+        consolidate(path, storage_options)
+    return stats
+
+
+def _summarise(
+    totals: Mapping[str, Moments], n: int, root: Any, path: str
+) -> dict[str, dict[str, Any]]:
+    """The ``stats`` attribute from merged moments of ``n`` tiles."""
     stats = {}
     for m, t in totals.items():
         std = np.sqrt(t["m2"] / np.maximum(t["count"], 1))
@@ -90,6 +104,4 @@ def compute_stats(
                 f"{root.attrs['units'][m]}"
             ),
         }
-    root.attrs["stats"] = stats
-    consolidate(path, storage_options)
     return stats

@@ -24,24 +24,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 from rasterio.io import MemoryFile
 
 from terrafm_lightning.modalities import BANDS, MODALITIES
-from terrafm_lightning.prep.driver import (
-    PrepReport,
-    create_or_resume,
-    run_shards,
-    sample_shard_task,
-)
-from terrafm_lightning.prep.sources.geotiff import (
-    InputError,
-    align,
-    tile_transform,
-    tile_window,
-)
-from terrafm_lightning.store.format import NODATA, Encoding, Sample, consolidate, pending
+from terrafm_lightning.prep.driver import PrepReport
+from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.pairing import pair_inputs
+from terrafm_lightning.prep.raster import align, tile_transform, tile_window
+from terrafm_lightning.prep.writer import write_tiles
+from terrafm_lightning.store.records import Sample
+from terrafm_lightning.store.schema import NODATA, Encoding
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "s1": ("vv", "vh"),
@@ -64,19 +59,29 @@ def has_offset(product_id: str, timestamp: np.datetime64) -> bool:
 
 
 def linear_to_db(linear: np.ndarray) -> np.ndarray:
-    """S1 linear gamma0 -> dB; nodata (-32768), non-finite and <= 0 become NaN."""
-    valid = np.isfinite(linear) & (linear > 0) & (linear != S1_NODATA)
+    """S1 linear gamma0 -> float32 dB; nodata (-32768), non-finite and <= 0 become NaN.
+
+    Computed in float32 (the store dtype): half the memory traffic of float64.
+    """
+    linear = linear.astype(np.float32, copy=False)
+    valid = (linear > 0) & (linear < np.inf)  # also excludes NaN and -32768
     out = np.full(linear.shape, np.nan, np.float32)
-    out[valid] = 10 * np.log10(linear[valid])
+    np.log10(linear, out=out, where=valid)
+    out *= 10
     return out
 
 
 def harmonise_s2(dn: np.ndarray, offset: bool) -> np.ndarray:
-    """uint16 DN with the baseline offset removed; nodata 0 kept."""
-    dn = dn.astype(np.int32)
-    if offset:
-        dn = np.where(dn == 0, 0, np.maximum(dn - S2_OFFSET, 1))
-    return np.clip(dn, 0, 65535).astype(np.uint16)
+    """uint16 DN with the baseline offset removed; nodata 0 kept, valid DN stay >= 1."""
+    if dn.dtype != np.uint16:
+        dn = np.clip(dn, 0, 65535).astype(np.uint16)
+    if not offset:
+        return dn
+    nodata = dn == 0
+    out = np.maximum(dn, S2_OFFSET + 1)  # uint16 throughout: DN 1..1000 end at 1 (valid)
+    out -= S2_OFFSET
+    out[nodata] = 0
+    return out
 
 
 def read_metadata(root: Path) -> pd.DataFrame:
@@ -101,15 +106,24 @@ def read_metadata(root: Path) -> pd.DataFrame:
     return meta.drop_duplicates("grid_cell", keep="first")
 
 
-def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, dict[str, Any]]]:
-    """Per grid cell (sorted), modality -> {file, row, product_id, timestamp}."""
+def plan_cells(
+    roots: Mapping[str, Path], require_all: bool
+) -> tuple[list[dict[str, dict[str, Any]]], list[str]]:
+    """Per grid cell (sorted), modality -> {file, row, product_id, timestamp}, and notes.
+
+    The notes list each input of a cell lacking a modality, one line each.
+    """
     tables = {m: read_metadata(Path(r)).set_index("grid_cell") for m, r in roots.items()}
-    cells = sorted(set().union(*(t.index for t in tables.values())))
-    if require_all:
-        cells = [c for c in cells if all(c in t.index for t in tables.values())]
-    if not cells:
-        raise InputError(f"no grid cell common to {', '.join(str(r) for r in roots.values())}")
-    return [
+    found = {
+        c: {m: f"{t.at[c, 'file']} row {t.at[c, 'parquet_row']} ({c})" for m, t in tables.items()
+            if c in t.index}
+        for c in sorted(set().union(*(t.index for t in tables.values())))
+    }  # fmt: skip
+    places = ", ".join(str(r) for r in roots.values())
+    cells, notes = pair_inputs(
+        found, list(roots), require_all, f"in {places}", "check that they share grid_cell values"
+    )
+    planned = [
         {
             m: {
                 "file": t.at[c, "file"],
@@ -123,10 +137,14 @@ def plan_cells(roots: Mapping[str, Path], require_all: bool) -> list[dict[str, d
         | {"_cell": c}
         for c in cells
     ]
+    return planned, notes
 
 
 def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
-    """One parquet row (the row group holding it, then the row), restricted to ``columns``."""
+    """One parquet row (the row group holding it, then the row), restricted to ``columns``.
+
+    Binary values come back as zero-copy ``pyarrow`` buffers, other values as Python objects.
+    """
     try:
         meta = pq.ParquetFile(file)
         start = 0
@@ -134,7 +152,14 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
             rows = meta.metadata.row_group(group).num_rows
             if row < start + rows:
                 table = meta.read_row_group(group, columns=list(columns))
-                return table.slice(row - start, 1).to_pylist()[0]
+                values = {}
+                for name in table.column_names:
+                    value = table.column(name)[row - start]
+                    is_binary = pa.types.is_binary(value.type) or pa.types.is_large_binary(
+                        value.type
+                    )
+                    values[name] = value.as_buffer() if is_binary else value.as_py()
+                return values
             start += rows
     except InputError:
         raise
@@ -143,36 +168,39 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
     raise InputError(f"{file} has no row {row}")
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=6)
 def decode_cell(
     modality: str, file: str, row: int, product_id: str, timestamp: str
 ) -> tuple[np.ndarray, rasterio.crs.CRS, rasterio.Affine]:
-    """A cell's bands (band, y, x) in store units, with the grid of its first band."""
-    values = _row(file, row, ("grid_cell", *COLUMNS[modality]))
-    bands, grid = [], None
-    for column in COLUMNS[modality]:
+    """A cell's bands (band, y, x) in store units, with the grid of its first band.
+
+    Cached for the tiles cut from the cell (two cells of three modalities per process).
+    """
+    columns = COLUMNS[modality]
+    values = _row(file, row, ("grid_cell", *columns))
+    stack, grid = None, None
+    for k, column in enumerate(columns):
         blob = values.get(column)
-        if not blob:
+        if blob is None or not blob.size:
             raise InputError(f"{file} row {row} ({values['grid_cell']}): empty column {column}")
         try:
-            with MemoryFile(blob) as mem, mem.open() as src:
-                band = src.read(1)
-                this = (src.crs, src.transform, band.shape)
+            with MemoryFile(memoryview(blob)) as mem, mem.open() as src:
+                this = (src.crs, src.transform, src.shape)
+                if grid is None:
+                    grid = this
+                    stack = np.empty((len(columns), *src.shape), src.dtypes[0])
+                if this[0] != grid[0] or this[2] != grid[2] or not this[1].almost_equals(grid[1]):
+                    raise InputError(
+                        f"{file} row {row} ({values['grid_cell']}) column {column}: grid "
+                        f"{this[2]} differs from column {columns[0]} {grid[2]}"
+                    )
+                src.read(1, out=stack[k])  # straight into the stack: no per-band copy
         except rasterio.errors.RasterioError as err:
             raise InputError(
                 f"{file} row {row} ({values['grid_cell']}) column {column}: not a GeoTIFF: {err}"
             ) from err
-        if grid is None:
-            grid = this
-        elif this[0] != grid[0] or this[2] != grid[2] or not this[1].almost_equals(grid[1]):
-            raise InputError(
-                f"{file} row {row} ({values['grid_cell']}) column {column}: grid "
-                f"{this[2]} differs from column {COLUMNS[modality][0]} {grid[2]}"
-            )
-        bands.append(band)
-    stack = np.stack(bands)
     if modality == "s1":
-        data = linear_to_db(stack.astype(np.float64))
+        data = linear_to_db(stack)
     else:
         data = harmonise_s2(stack, has_offset(product_id, np.datetime64(timestamp)))
     return data, grid[0], grid[1]
@@ -231,27 +259,29 @@ def prepare_majortom(
         encoding: store chunking/compression.
         overwrite: replace an existing store at ``path``.
         storage_options: fsspec options of the output store.
-        **run_options: options of :func:`parallel.run_shards`.
+        **run_options: options of :func:`driver.run_shards`.
+
+    Returns:
+        The run's report; ``notes`` lists the inputs of cells lacking a modality.
     """
     if cell_size % tile_size:
         raise InputError(f"cell size {cell_size} is not a multiple of tile size {tile_size}")
     tiles_per_side = cell_size // tile_size
-    cells = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
+    cells, notes = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
     modalities = [m for m in MODALITIES if m in roots]
     plan = {"kind": "majortom", "cells": cells, "tile_size": tile_size, "cell_size": cell_size}
-    root = create_or_resume(
+    report = write_tiles(
         path,
+        partial(majortom_sample, cells, tile_size, tiles_per_side),
         len(cells) * tiles_per_side**2,
         tile_size,
         modalities,
         plan,
-        encoding,
-        overwrite,
-        storage_options,
+        "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items()),
+        encoding=encoding,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        **run_options,
     )
-    root.attrs["source"] = "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items())
-    make = partial(majortom_sample, cells, tile_size, tiles_per_side)
-    task = partial(sample_shard_task, path, storage_options, make)
-    report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
-    consolidate(path, storage_options)
+    report.notes = notes + report.notes
     return report

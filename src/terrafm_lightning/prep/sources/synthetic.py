@@ -18,20 +18,10 @@ from typing import Any
 import numpy as np
 
 from terrafm_lightning.modalities import MODALITIES
-from terrafm_lightning.prep.driver import (
-    PrepReport,
-    create_or_resume,
-    run_shards,
-    sample_shard_task,
-)
-from terrafm_lightning.store.format import (
-    WORLDCOVER_CODES,
-    Encoding,
-    Sample,
-    consolidate,
-    pending,
-    update_class_frequencies,
-)
+from terrafm_lightning.prep.driver import PrepReport
+from terrafm_lightning.prep.writer import write_tiles
+from terrafm_lightning.store.records import Sample
+from terrafm_lightning.store.schema import WORLDCOVER_CODES, Encoding
 
 CLASS_PRIOR: dict[int, float] = {
     10: 0.30,
@@ -277,9 +267,21 @@ def prepare_synthetic(
     storage_options: Mapping[str, Any] | None = None,
     **run_options: Any,
 ) -> PrepReport:
-    """Write (or finish writing) a synthetic store of ``n_samples`` tiles.
+    """Write (or finish writing) a synthetic store of ``n_samples`` tiles (public Python API).
 
-    ``run_options`` go to :func:`parallel.run_shards` (scheduler, workers, progress, ...).
+    Args:
+        path: output store (local path or fsspec URL).
+        n_samples: number of tiles.
+        tile_size: tile size in pixels.
+        seed: dataset seed (tile i is fixed by (seed, i)).
+        gain_range: range of the per-tile S2 illumination gain.
+        s2_noise: relative per-pixel S2 noise std.
+        nuisance: strength of the per-sensor acquisition nuisance (0: none).
+        encoding: store chunking/compression.
+        overwrite: replace an existing store at ``path``.
+        storage_options: fsspec options of the output store.
+        **run_options: :func:`driver.run_shards` options: ``scheduler`` ("local", "sync" or an
+            address), ``workers``, ``skip_bad``, ``progress``.
     """
     if not 0 < gain_range[0] <= gain_range[1]:
         raise ValueError(f"gain_range must satisfy 0 < low <= high, got {gain_range}")
@@ -295,10 +297,6 @@ def prepare_synthetic(
         plan["s2_noise"] = s2_noise
     if nuisance:
         plan["nuisance"] = nuisance
-    root = create_or_resume(
-        path, n_samples, tile_size, MODALITIES, plan, encoding, overwrite, storage_options
-    )
-    root.attrs["source"] = f"terrafm-data synthetic (seed {seed})"
     make = partial(
         synthetic_scene,
         seed,
@@ -307,8 +305,16 @@ def prepare_synthetic(
         s2_noise=s2_noise,
         nuisance=nuisance,
     )
-    task = partial(sample_shard_task, path, storage_options, make)
-    report = run_shards(path, pending(root), task, storage_options=storage_options, **run_options)
-    update_class_frequencies(path, storage_options)
-    consolidate(path, storage_options)
-    return report
+    return write_tiles(
+        path,
+        make,
+        n_samples,
+        tile_size,
+        MODALITIES,
+        plan,
+        f"terrafm-data synthetic (seed {seed})",
+        encoding=encoding,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        **run_options,
+    )

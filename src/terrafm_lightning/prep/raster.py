@@ -1,0 +1,102 @@
+"""Raster helpers shared by the sources: read, band selection, store dtype, alignment, tiling.
+
+Alignment is rioxarray's ``reproject`` (GDAL warp); the rest is array bookkeeping no library
+offers in this form (cutting a cell into row-major tiles with their affines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rioxarray  # noqa: F401  (registers the .rio accessor)
+import xarray as xr
+from rasterio.crs import CRS
+from rasterio.warp import Resampling
+
+from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS
+from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
+
+_L1C_WITHOUT_B10 = [i for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
+
+
+def select_bands(modality: str, pixels: np.ndarray, source: str) -> np.ndarray:
+    """Check the band count and drop B10 from a 13-band L1C raster."""
+    expected = len(BANDS[modality])
+    if modality == "s2_l1c" and pixels.shape[0] == len(S2_L1C_ALL_BANDS):
+        return pixels[_L1C_WITHOUT_B10]
+    if pixels.shape[0] != expected:
+        allowed = "12 or 13" if modality == "s2_l1c" else str(expected)
+        raise InputError(f"{source} has {pixels.shape[0]} bands; {modality} needs {allowed}")
+    return pixels
+
+
+def to_store_dtype(modality: str, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Cast to the store dtype, mapping the source nodata value to the store's nodata."""
+    if modality == "s1":
+        out = pixels.astype(np.float32)
+        if nodata is not None and not np.isnan(nodata):
+            out[pixels == nodata] = np.nan
+        out[~np.isfinite(out)] = np.nan
+        return out
+    if pixels.dtype == np.uint16 and nodata in (None, 0):
+        return pixels  # already store dtype and nodata: no copy
+    invalid = ~np.isfinite(pixels) if pixels.dtype.kind == "f" else np.zeros(pixels.shape, bool)
+    if nodata is not None and not np.isnan(nodata):
+        invalid |= pixels == nodata
+    out = np.clip(pixels, 0, 65535).astype(PIXEL_DTYPES[modality])
+    out[invalid] = NODATA[modality]
+    return out
+
+
+def align(
+    pixels: np.ndarray,
+    crs: CRS,
+    transform: rasterio.Affine,
+    dst_crs: CRS,
+    dst_transform: rasterio.Affine,
+    shape: tuple[int, int],
+    nodata: float,
+) -> np.ndarray:
+    """Reproject (nearest) ``pixels`` (band, y, x) onto a destination grid unless it already is.
+
+    Nearest keeps stored values equal to source values.
+    """
+    if crs == dst_crs and transform.almost_equals(dst_transform) and pixels.shape[1:] == shape:
+        return pixels
+    source = (
+        xr.DataArray(pixels, dims=("band", "y", "x"))
+        .rio.write_crs(crs)
+        .rio.write_transform(transform)
+        .rio.write_nodata(nodata, encoded=False)
+    )
+    warped = source.rio.reproject(
+        dst_crs, shape=shape, transform=dst_transform, resampling=Resampling.nearest
+    )
+    return np.ascontiguousarray(warped.values)
+
+
+def tile_window(tile_index: int, tiles_per_side: int, size: int) -> tuple[slice, slice]:
+    """Row-major (rows, cols) slices of tile ``tile_index`` in a cut raster."""
+    row, col = divmod(tile_index, tiles_per_side)
+    return slice(row * size, (row + 1) * size), slice(col * size, (col + 1) * size)
+
+
+def tile_transform(
+    transform: rasterio.Affine, tile_index: int, tiles_per_side: int, size: int
+) -> tuple[float, ...]:
+    """Affine (a, b, c, d, e, f) of a tile cut from a raster with ``transform``."""
+    rows, cols = tile_window(tile_index, tiles_per_side, size)
+    shifted = transform @ rasterio.Affine.translation(cols.start, rows.start)
+    return tuple(shifted)[:6]
+
+
+def read_geotiff(path: Path) -> tuple[np.ndarray, CRS, rasterio.Affine, float | None, dict]:
+    """Read all bands, CRS, transform, nodata and tags; errors name the file."""
+    try:
+        with rasterio.open(path) as src:
+            return src.read(), src.crs, src.transform, src.nodata, src.tags()
+    except rasterio.errors.RasterioError as err:
+        raise InputError(f"cannot read {path}: {err}") from err
