@@ -10,10 +10,16 @@ samples tiles uniformly, ``tau = 1`` makes every class equally likely in expecta
 frequency). Classes absent from the store (``f_c = 0``) contribute nothing; a tile without any
 valid WorldCover pixel gets weight 1, the weight every tile has at ``tau = 0``.
 
-All ranks draw the same with-replacement stream from a generator seeded by ``(seed, epoch)`` and
-rank r keeps positions r, r + R, r + 2R, ... of it, so the ranks' shares are disjoint, equally long
-and together are exactly the stream a single process would draw. Draws are independent over the
-whole dataset, so every batch mixes tiles from as many chunks/shards as it has samples.
+All ranks share one with-replacement stream drawn from a generator seeded by ``(seed, epoch)``
+and rank r keeps positions r, r + R, r + 2R, ... of it, so the ranks' shares are disjoint, equally
+long and together are exactly the stream a single process would draw. Draws are independent over
+the whole dataset, so every batch mixes tiles from as many chunks/shards as it has samples.
+
+The stream is ``Generator.choice(N, size, p=p)`` of numpy, bit for bit, but built per rank: numpy
+maps uniforms through the cumulative distribution (``cdf = p.cumsum(); cdf /= cdf[-1]``, then
+``searchsorted(uniforms, side="right")``). The CDF is computed once and cached; each rank draws the
+epoch's uniforms (a fast sequential fill) and searches only its own positions, in sorted order so
+the binary searches stay in cache (``benchmarks/sampler_scale.py`` measures it).
 """
 
 from __future__ import annotations
@@ -101,24 +107,39 @@ class WorldCoverWeightedSampler(DistributedSampler):
         # DistributedSampler's own bookkeeping (num_samples, total_size) is replaced below.
         super().__init__(range(probabilities.size), num_replicas=num_replicas, rank=rank, seed=seed)
         self.probabilities = probabilities / probabilities.sum()
+        # Exactly the operations of numpy's Generator.choice, so draws are bit-identical to it.
+        self._cdf = self.probabilities.cumsum()
+        self._cdf /= self._cdf[-1]
         self.num_samples = math.ceil(total / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.position = 0
         self._resume_epoch: int | None = None
         self._resume_position = 0
 
+    def _draws(self, epoch: int, first: int, step: int) -> np.ndarray:
+        """Stream positions ``first, first + step, ...`` of ``epoch`` as sample positions."""
+        uniforms = np.random.default_rng([self.seed, epoch]).random(self.total_size)
+        uniforms = uniforms[first::step]
+        order = np.argsort(uniforms)
+        draws = np.empty(len(uniforms), np.int64)
+        draws[order] = self._cdf.searchsorted(uniforms[order], side="right")
+        return draws
+
     def stream(self, epoch: int) -> np.ndarray:
         """The full stream of draws of ``epoch``, identical on every rank."""
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.choice(self.probabilities.size, size=self.total_size, p=self.probabilities)
+        return self._draws(epoch, 0, 1)
+
+    def share(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's draws of ``epoch`` from position ``start`` of its share on."""
+        return self._draws(epoch, self.rank + start * self.num_replicas, self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         start = self._resume_position if self._resume_epoch == self.epoch else 0
         self._resume_epoch, self._resume_position = None, 0
-        share = self.stream(self.epoch)[self.rank :: self.num_replicas]
-        for position in range(start, self.num_samples):
+        share = self.share(self.epoch, start)
+        for position, draw in enumerate(share.tolist(), start):
             self.position = position + 1  # samples handed out so far, this one included
-            yield int(share[position])
+            yield draw
 
     def __len__(self) -> int:
         """Draws per epoch on this rank (the full count, also when resuming mid-epoch)."""

@@ -21,6 +21,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
 from terrafm_lightning.modalities import BANDS, MODALITIES, UNITS, WORLDCOVER_CLASSES
+from terrafm_lightning.store.codecs import compressor
 
 FORMAT_VERSION = 1
 WORLDCOVER_CODES: tuple[int, ...] = tuple(WORLDCOVER_CLASSES)
@@ -52,10 +53,12 @@ class Encoding:
     cname: str = "zstd"
     clevel: int = 1
     shuffle: str = "bitshuffle"
+    codec: str = "blosc"
+    """``"blosc"`` or ``"zstd"`` (GPU-decodable; see :mod:`terrafm_lightning.store.codecs`)."""
 
-    def compressor(self) -> zarr.codecs.BloscCodec:
-        """The blosc codec applied to every inner chunk."""
-        return zarr.codecs.BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+    def compressor(self) -> zarr.abc.codec.BytesBytesCodec:
+        """The codec applied to every inner chunk."""
+        return compressor(self.codec, self.clevel, self.cname, self.shuffle)
 
 
 @dataclass
