@@ -3,6 +3,7 @@ shared-memory batches and metadata through spawned workers, the zstd codec's lay
 
 from __future__ import annotations
 
+import gc
 import pickle
 import shutil
 from multiprocessing.reduction import ForkingPickler
@@ -17,7 +18,7 @@ import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor 
 import zarr
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.reader import BufferPool, SampleMetadata, StoreTileDataset
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.store.codecs import (
     HostChunkDecoder,
@@ -125,8 +126,6 @@ def test_datamodule_decodes_on_the_device_through_spawned_workers(store: Path) -
         batch = next(iter(dm.train_dataloader()))
         if decoder is not None:
             assert "chunks" in batch and batch["chunks"]["s1"].is_shared()
-        else:
-            assert all(batch[m].is_shared() for m in MODALITIES)  # shared-memory buffers
         return dm.transfer_batch_to_device(batch, torch.device("cpu"), 0)
 
     cpu, device = first_batch(None), first_batch(HostChunkDecoder())
@@ -168,3 +167,24 @@ def test_zstd_codec_layout_and_frame_sizes(store: Path) -> None:
         chunk_layout(plain)
     # No CUDA here: the device decoder is None, so workers decode on the CPU.
     assert device_decoder("zstd", torch.device("cpu")) is None
+
+
+def test_pooled_buffers_are_reused_only_after_the_receiver_let_go() -> None:
+    pool = BufferPool(capacity=2)
+    tensor, handle = pool.take((2, 3), torch.float32)
+    tensor.copy_(torch.arange(6.0).view(2, 3))
+    received = ForkingPickler.loads(ForkingPickler.dumps(handle))  # what the main process gets
+    assert isinstance(received, torch.Tensor) and received.tolist() == tensor.tolist()
+    view = received[1]
+    del received, tensor
+    gc.collect()
+    second, _ = pool.take((2, 3), torch.float32)
+    assert len(pool.buffers) == 2  # slot 0 still mapped through the view: a new buffer
+    second.fill_(7.0)
+    assert view.tolist() == [3.0, 4.0, 5.0]
+    del view
+    gc.collect()
+    third, _ = pool.take((2, 3), torch.float32)  # slot 0 is free again: reused, not grown
+    assert len(pool.buffers) == 2 and pool.state.tolist() == [1, 1]
+    overflow, handle = pool.take((2, 3), torch.float32)  # pool full: an unpooled buffer
+    assert handle is overflow and len(pool.buffers) == 2

@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import mmap
+import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from multiprocessing.reduction import DupFd
 from typing import Any
 
 import numpy as np
@@ -46,7 +50,7 @@ SHARD_INDEX_CACHE = 16384
 
 
 class TileReadError(StoreError):
-    """A tile could not be read or holds no usable modality (the message names store and sample)."""
+    """A tile could not be read or has no available modality (the message names store, sample)."""
 
 
 class SampleMetadata:
@@ -212,6 +216,109 @@ def _buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
+FREE, HELD = 0, 1
+_CONTROLS: dict[tuple[int, int], mmap.mmap] = {}
+"""Main-process mappings of the workers' pool control blocks, by (worker pid, pool id)."""
+
+
+class BufferPool:
+    """A worker's reusable shared-memory batch buffers (memfd), recycled when the main is done.
+
+    A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker
+    (measured: +10 ms of CPU per 534 px tile). Here a buffer is sent as a file descriptor
+    (:class:`PooledBuffer`); the main process maps it as a tensor and, when the mapping is
+    freed (``weakref.finalize`` on the mmap, which the tensor and all its views keep alive),
+    marks the buffer free in a small control block shared with the worker. The worker reuses
+    only buffers so marked, so a buffer is never written while anyone can read it. The pool
+    grows to the number of batches in flight (prefetch, pinning, batches held by the user), at
+    most ``capacity`` buffers; beyond that, buffers are not pooled.
+
+    Args:
+        capacity: most pooled buffers.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self.control_fd = os.memfd_create("terrafm-pool-control")
+        os.ftruncate(self.control_fd, capacity)
+        self.control = mmap.mmap(self.control_fd, capacity)
+        self.state = np.frombuffer(self.control, np.uint8)
+        self.key = (os.getpid(), id(self))
+        self.buffers: list[tuple[int, mmap.mmap]] = []  # (memfd, mapping)
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """A (shape, dtype) tensor to fill here and the handle to return in its place.
+
+        The handle unpickles to the tensor in the main process; a tensor that is not pooled
+        (pool full) is its own handle.
+        """
+        nbytes = math.prod(shape) * dtype.itemsize
+        for slot, (_, mapping) in enumerate(self.buffers):
+            if len(mapping) == nbytes and self.state[slot] == FREE:
+                break
+        else:
+            if len(self.buffers) == self.capacity:
+                tensor = _buffer(shape, dtype)
+                return tensor, tensor
+            fd = os.memfd_create("terrafm-batch")
+            os.ftruncate(fd, nbytes)
+            self.buffers.append((fd, mmap.mmap(fd, nbytes)))
+            slot = len(self.buffers) - 1
+        self.state[slot] = HELD
+        tensor = torch.frombuffer(self.buffers[slot][1], dtype=dtype).view(tuple(shape))
+        return tensor, PooledBuffer(self, slot, tuple(shape), dtype)
+
+
+class PooledBuffer:
+    """Pickle handle of a pooled buffer: file descriptors, shape and dtype, never the pixels."""
+
+    def __init__(
+        self, pool: BufferPool, slot: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        self.pool, self.slot, self.shape, self.dtype = pool, slot, shape, dtype
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        pool = self.pool
+        fd, mapping = pool.buffers[self.slot]
+        return _map_pooled, (
+            DupFd(fd),
+            DupFd(pool.control_fd),
+            pool.key,
+            pool.capacity,
+            self.slot,
+            len(mapping),
+            self.shape,
+            self.dtype,
+        )
+
+
+def _map_pooled(
+    data: Any,
+    control: Any,
+    key: tuple[int, int],
+    capacity: int,
+    slot: int,
+    nbytes: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Main process: map a pooled buffer as a tensor that frees its slot when it dies."""
+    data_fd, control_fd = data.detach(), control.detach()
+    try:
+        mapping = mmap.mmap(data_fd, nbytes)
+        if key not in _CONTROLS:
+            _CONTROLS[key] = mmap.mmap(control_fd, capacity)
+    finally:
+        os.close(data_fd)
+        os.close(control_fd)
+    weakref.finalize(mapping, _release, _CONTROLS[key], slot)
+    return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
+def _release(control: mmap.mmap, slot: int) -> None:
+    control[slot] = FREE
+
+
 def _shared(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).share_memory_()
 
@@ -263,6 +370,7 @@ class StoreTileDataset(Dataset):
         self.storage_options = dict(storage_options or {})
         self.tile_size: int | None = None
         self._reader: ShardReader | None = None
+        self._pool: BufferPool | None = None
 
     @property
     def samples(self) -> np.ndarray:
@@ -289,7 +397,7 @@ class StoreTileDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers open their own handles; an open zarr group never crosses a process boundary.
-        return {**self.__dict__, "_reader": None}
+        return {**self.__dict__, "_reader": None, "_pool": None}
 
     def open(self) -> ShardReader:
         """The store's chunk reader in this process (opened on first use)."""
@@ -353,7 +461,8 @@ class StoreTileDataset(Dataset):
         batch: dict[str, Any] = dict(meta)
         for m in self.modalities:
             layout = self._reader.layouts[m]
-            pixels = _buffer((len(indices), *layout.chunk_shape[1:]), _torch_dtype(layout))
+            shape = (len(indices), *layout.chunk_shape[1:])
+            pixels, batch[m] = self._pixels(shape, _torch_dtype(layout))
             column = MODALITIES.index(m)
             for row, chunk in enumerate(chunks[m]):
                 tile = pixels[row]
@@ -373,9 +482,17 @@ class StoreTileDataset(Dataset):
                     self.nodata_threshold,
                 )
                 meta["available"][row, column] = keep[0]
-            batch[m] = pixels
         self._check_not_empty(meta["available"], indices)
         return batch
+
+    def _pixels(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
+        """A batch buffer to decode into and what the batch returns for it (see BufferPool)."""
+        if get_worker_info() is None:
+            tensor = _buffer(shape, dtype)
+            return tensor, tensor
+        if self._pool is None:
+            self._pool = BufferPool()
+        return self._pool.take(shape, dtype)
 
     def _check_not_empty(self, available: torch.Tensor, indices: Sequence[int]) -> None:
         empty = (~available.any(dim=1)).nonzero().flatten().tolist()
@@ -404,7 +521,7 @@ class StoreTileDataset(Dataset):
     def decode_encoded(self, batch: EncodedTileBatch, decoder: DeviceDecoder) -> TileBatch:
         """Decode an :class:`EncodedTileBatch` whose tensors lie on ``decoder.device``.
 
-        The same result as the workers' CPU decode, except that a row left without any usable
+        The same result as the workers' CPU decode, except that a row left without any available
         modality is not reported (that check would synchronise with the device).
         """
         reader = self.open()
