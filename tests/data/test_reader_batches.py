@@ -184,7 +184,10 @@ def test_pooled_buffers_are_reused_only_after_the_receiver_let_go() -> None:
     assert view.tolist() == [3.0, 4.0, 5.0]
     del view
     gc.collect()
-    third, _ = pool.take((2, 3), torch.float32)  # slot 0 is free again: reused, not grown
+    third, handle = pool.take((2, 3), torch.float32)  # slot 0 is free again: reused, not grown
     assert len(pool.buffers) == 2 and pool.state.tolist() == [1, 1]
+    third.fill_(5.0)
+    again = ForkingPickler.loads(ForkingPickler.dumps(handle))  # descriptor already sent
+    assert again.tolist() == [[5.0] * 3] * 2
     overflow, handle = pool.take((2, 3), torch.float32)  # pool full: an unpooled buffer
     assert handle is overflow and len(pool.buffers) == 2

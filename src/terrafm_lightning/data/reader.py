@@ -6,10 +6,11 @@ a batch's positions (``__getitems__``) and the worker
 1. fetches the compressed inner chunk of every (tile, modality) of the batch at once on zarr's
    event loop (``asyncio.gather`` over the store's byte-range reads), one read per chunk once the
    shard's index is in the worker's cache (:class:`ShardReader`);
-2. decodes each chunk straight into one preallocated (B, C, H, W) buffer per modality, allocated
-   in shared memory inside workers, so the batch crosses to the main process as file
-   descriptors: no per-tile tensors pickled and no collate copy (:func:`collate_tile_batch` is
-   the identity);
+2. decodes each chunk straight into one (B, C, H, W) buffer per modality; inside workers the
+   buffers are shared memory from a :class:`BufferPool`, reused once the main process has
+   dropped them, so a batch crosses to the main process as file descriptors: no per-tile
+   tensors pickled, no collate copy (:func:`collate_tile_batch` is the identity), no fresh
+   pages to fault in per batch;
 3. or, with :attr:`StoreTileDataset.encoded`, leaves the chunks compressed (one shared byte
    buffer per modality) for :meth:`StoreTileDataset.decode_encoded` to decode on the device.
 
@@ -29,8 +30,9 @@ import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from multiprocessing.reduction import DupFd
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -217,21 +219,31 @@ def _buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 
 
 FREE, HELD = 0, 1
-_CONTROLS: dict[tuple[int, int], mmap.mmap] = {}
-"""Main-process mappings of the workers' pool control blocks, by (worker pid, pool id)."""
+
+
+@dataclass
+class _ReceivedPool:
+    """Main-process side of one worker's pool: its control block and the buffers' descriptors."""
+
+    control: mmap.mmap
+    fds: dict[int, int] = field(default_factory=dict)
+
+
+_RECEIVED: dict[tuple[int, int], _ReceivedPool] = {}
+"""Main-process view of the workers' pools, by (worker pid, pool id)."""
 
 
 class BufferPool:
     """A worker's reusable shared-memory batch buffers (memfd), recycled when the main is done.
 
     A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker
-    (measured: +10 ms of CPU per 534 px tile). Here a buffer is sent as a file descriptor
-    (:class:`PooledBuffer`); the main process maps it as a tensor and, when the mapping is
-    freed (``weakref.finalize`` on the mmap, which the tensor and all its views keep alive),
-    marks the buffer free in a small control block shared with the worker. The worker reuses
-    only buffers so marked, so a buffer is never written while anyone can read it. The pool
-    grows to the number of batches in flight (prefetch, pinning, batches held by the user), at
-    most ``capacity`` buffers; beyond that, buffers are not pooled.
+    (measured: +10 ms of CPU per 534 px tile). Here a buffer is sent as a file descriptor, once;
+    later batches name only its slot (:class:`PooledBuffer`). The main process maps it as a
+    tensor and, when the mapping is freed (``weakref.finalize`` on the mmap, which the tensor and
+    all its views keep alive), marks the slot free in a small control block shared with the
+    worker. The worker reuses only slots so marked, so a buffer is never written while anyone can
+    read it. The pool grows to the number of batches in flight (prefetch, pinning, batches held
+    by the user), at most ``capacity`` buffers; beyond that, buffers are not pooled.
 
     Args:
         capacity: most pooled buffers.
@@ -245,6 +257,8 @@ class BufferPool:
         self.state = np.frombuffer(self.control, np.uint8)
         self.key = (os.getpid(), id(self))
         self.buffers: list[tuple[int, mmap.mmap]] = []  # (memfd, mapping)
+        self.sent: set[int] = set()  # slots whose descriptor the main process has
+        self.control_sent = False
 
     def take(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
         """A (shape, dtype) tensor to fill here and the handle to return in its place.
@@ -270,7 +284,7 @@ class BufferPool:
 
 
 class PooledBuffer:
-    """Pickle handle of a pooled buffer: file descriptors, shape and dtype, never the pixels."""
+    """Pickle handle of a pooled buffer: slot, shape and dtype (descriptors the first time)."""
 
     def __init__(
         self, pool: BufferPool, slot: int, shape: tuple[int, ...], dtype: torch.dtype
@@ -280,16 +294,14 @@ class PooledBuffer:
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         pool = self.pool
         fd, mapping = pool.buffers[self.slot]
-        return _map_pooled, (
-            DupFd(fd),
-            DupFd(pool.control_fd),
-            pool.key,
-            pool.capacity,
-            self.slot,
-            len(mapping),
-            self.shape,
-            self.dtype,
-        )
+        # Every batch reaches the main process (it drains the queue even on a reset), so a
+        # descriptor sent once stays known there.
+        data = None if self.slot in pool.sent else DupFd(fd)
+        control = None if pool.control_sent else DupFd(pool.control_fd)
+        pool.sent.add(self.slot)
+        pool.control_sent = True
+        args = (data, control, pool.key, pool.capacity, self.slot, len(mapping))
+        return _map_pooled, (*args, self.shape, self.dtype)
 
 
 def _map_pooled(
@@ -303,16 +315,36 @@ def _map_pooled(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Main process: map a pooled buffer as a tensor that frees its slot when it dies."""
-    data_fd, control_fd = data.detach(), control.detach()
-    try:
-        mapping = mmap.mmap(data_fd, nbytes)
-        if key not in _CONTROLS:
-            _CONTROLS[key] = mmap.mmap(control_fd, capacity)
-    finally:
-        os.close(data_fd)
-        os.close(control_fd)
-    weakref.finalize(mapping, _release, _CONTROLS[key], slot)
+    if control is not None:
+        _forget_dead_workers()
+        control_fd = control.detach()
+        try:
+            _RECEIVED[key] = _ReceivedPool(mmap.mmap(control_fd, capacity))
+        finally:
+            os.close(control_fd)
+    pool = _RECEIVED[key]
+    if data is not None:
+        pool.fds[slot] = data.detach()
+    mapping = mmap.mmap(pool.fds[slot], nbytes)
+    weakref.finalize(mapping, _release, pool.control, slot)
     return torch.frombuffer(mapping, dtype=dtype).view(shape)
+
+
+def _forget_dead_workers() -> None:
+    """Close the descriptors of pools whose worker exited (their live tensors stay mapped)."""
+    for key in [key for key in _RECEIVED if not _alive(key[0])]:
+        for fd in _RECEIVED.pop(key).fds.values():
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _release(control: mmap.mmap, slot: int) -> None:
@@ -368,7 +400,6 @@ class StoreTileDataset(Dataset):
         self.modalities = [m for m in MODALITIES if m in set(modalities)]
         self.nodata_threshold = nodata_threshold
         self.storage_options = dict(storage_options or {})
-        self.tile_size: int | None = None
         self._reader: ShardReader | None = None
         self._pool: BufferPool | None = None
 
@@ -406,7 +437,6 @@ class StoreTileDataset(Dataset):
             missing = [m for m in self.modalities if m not in root.attrs["modalities"]]
             if missing:
                 raise StoreError(f"store {self.path} has no modality {missing}")
-            self.tile_size = int(root.attrs["tile_size"])
             try:
                 self._reader = ShardReader(root, self.modalities)
             except StoreError as err:
@@ -445,7 +475,7 @@ class StoreTileDataset(Dataset):
             chunks[m][row] = chunk
         return chunks
 
-    def _fail(self, modality: str, index: int, err: BaseException) -> None:
+    def _fail(self, modality: str, index: int, err: BaseException) -> NoReturn:
         raise TileReadError(
             f"store {self.path}: cannot read {modality} of sample {index}: "
             f"{type(err).__name__}: {err}"
@@ -471,7 +501,7 @@ class StoreTileDataset(Dataset):
                     continue
                 try:
                     layout.decode_into(chunk.as_numpy_array(), tile.numpy())
-                except Exception as err:  # noqa: BLE001 - any codec failure names the tile
+                except Exception as err:  # any codec failure is reported with the tile
                     self._fail(m, indices[row], err)
             # Rows scanned one by one while they are still in cache.
             for row in range(len(indices)):

@@ -120,8 +120,16 @@ class WorldCoverWeightedSampler(DistributedSampler):
         """Stream positions ``first, first + step, ...`` of ``epoch`` as sample positions."""
         uniforms = np.random.default_rng([self.seed, epoch]).random(self.total_size)
         uniforms = uniforms[first::step]
-        order = np.argsort(uniforms)
-        draws = np.empty(len(uniforms), np.int64)
+        n = len(uniforms)
+        # Search in (nearly) ascending key order so consecutive binary searches share cached
+        # paths: sort a key prefix packed with the position (one uint64 sort, ~3x faster than
+        # argsort); the search itself uses the exact keys, so the order only affects speed.
+        bits = max(1, (n - 1).bit_length())
+        packed = (uniforms * 2.0 ** (64 - bits)).astype(np.uint64) << np.uint64(bits)
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+        draws = np.empty(n, np.int64)
         draws[order] = self._cdf.searchsorted(uniforms[order], side="right")
         return draws
 
