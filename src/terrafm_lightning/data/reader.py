@@ -47,8 +47,8 @@ from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.store.codecs import EMPTY_CHUNK, ChunkLayout, DeviceDecoder, chunk_layout
 from terrafm_lightning.store.format import NODATA, WRITTEN, StoreError, open_store
 
-SHARD_INDEX_CACHE = 16384
-"""Shard indexes a worker keeps (about 300 bytes each at 16 samples per shard)."""
+SHARD_INDEX_CACHE = 4096
+"""Shard indexes a worker keeps per modality (about 600 bytes each at 16 samples per shard)."""
 
 
 class TileReadError(StoreError):
@@ -337,6 +337,31 @@ def _forget_dead_workers() -> None:
             os.close(fd)
 
 
+class InlineTensor:
+    """Pickle handle that sends a small tensor by value, inside the batch's pickle.
+
+    Torch would send each tensor through a new shared-memory segment and a descriptor: a socket
+    handshake per tensor, more than the bytes of a batch's metadata cost.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.array = tensor.numpy()
+
+    def __reduce__(self) -> tuple[Any, tuple[np.ndarray]]:
+        return torch.from_numpy, (self.array,)
+
+
+METADATA_KEYS = ("available", "worldcover_hist", "dominant_class", "index")
+
+
+def _inline_metadata(batch: dict[str, Any]) -> dict[str, Any]:
+    """In a DataLoader worker, send the small per-tile metadata tensors by value."""
+    if get_worker_info() is not None:
+        for key in METADATA_KEYS:
+            batch[key] = InlineTensor(batch[key])
+    return batch
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -449,12 +474,7 @@ class StoreTileDataset(Dataset):
         return {layout.codec for layout in self.open().layouts.values()}
 
     def _metadata(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "available": self._columns["available"][positions],
-            "worldcover_hist": self._columns["worldcover_hist"][positions],
-            "dominant_class": self._columns["dominant_class"][positions],
-            "index": self._columns["index"][positions],
-        }
+        return {key: self._columns[key][positions] for key in METADATA_KEYS}
 
     def _fetch(
         self, indices: Sequence[int], available: np.ndarray
@@ -487,7 +507,7 @@ class StoreTileDataset(Dataset):
         indices = meta["index"].tolist()
         chunks = self._fetch(indices, meta["available"].numpy())
         if self.encoded:
-            return self._encoded_batch(meta, chunks)
+            return _inline_metadata(self._encoded_batch(meta, chunks))
         batch: dict[str, Any] = dict(meta)
         for m in self.modalities:
             layout = self._reader.layouts[m]
@@ -513,7 +533,7 @@ class StoreTileDataset(Dataset):
                 )
                 meta["available"][row, column] = keep[0]
         self._check_not_empty(meta["available"], indices)
-        return batch
+        return _inline_metadata(batch)
 
     def _pixels(self, shape: Sequence[int], dtype: torch.dtype) -> tuple[torch.Tensor, Any]:
         """A batch buffer to decode into and what the batch returns for it (see BufferPool)."""
