@@ -20,6 +20,7 @@ import zarr
 from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.reader import BufferPool, SampleMetadata, StoreTileDataset
 from terrafm_lightning.modalities import MODALITIES
+from terrafm_lightning.prep.cli import main as prep_main
 from terrafm_lightning.store.codecs import (
     HostChunkDecoder,
     _zstd_content_size,
@@ -191,3 +192,13 @@ def test_pooled_buffers_are_reused_only_after_the_receiver_let_go() -> None:
     assert again.tolist() == [[5.0] * 3] * 2
     overflow, handle = pool.take((2, 3), torch.float32)  # pool full: an unpooled buffer
     assert handle is overflow and len(pool.buffers) == 2
+
+
+def test_prep_cli_writes_the_gpu_codec(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.zarr"
+    args = ["synthetic", str(out), "--samples", "2", "--tile-size", "32", "--gpu-codec"]
+    assert prep_main([*args, "--scheduler", "sync", "--no-progress"]) == 0
+    root = open_store(str(out))
+    assert {chunk_layout(root[m]).codec for m in MODALITIES} == {"zstd"}
+    dataset = _dataset(out)
+    np.testing.assert_array_equal(dataset.__getitems__([1])["s2_l2a"][0].numpy(), root["s2_l2a"][1])
