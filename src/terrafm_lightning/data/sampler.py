@@ -18,8 +18,8 @@ the whole dataset, so every batch mixes tiles from as many chunks/shards as it h
 The stream is ``Generator.choice(N, size, p=p)`` of numpy, bit for bit, but built per rank: numpy
 maps uniforms through the cumulative distribution (``cdf = p.cumsum(); cdf /= cdf[-1]``, then
 ``searchsorted(uniforms, side="right")``). The CDF is computed once and cached; each rank draws the
-epoch's uniforms (a fast sequential fill) and searches only its own positions, in sorted order so
-the binary searches stay in cache (``benchmarks/sampler_scale.py`` measures it).
+epoch's uniforms (a fast sequential fill, chunk by chunk) and searches only its own positions, in
+sorted order so the binary searches stay in cache (``benchmarks/sampler_scale.py`` measures it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+UNIFORM_CHUNK = 16384
+"""Uniforms of one rank drawn per chunk (the chunk holds ``num_replicas`` times as many)."""
 
 
 def worldcover_tile_weights(
@@ -116,10 +119,30 @@ class WorldCoverWeightedSampler(DistributedSampler):
         self._resume_epoch: int | None = None
         self._resume_position = 0
 
+    def _uniforms(self, epoch: int, first: int, step: int) -> np.ndarray:
+        """The epoch generator's uniforms at stream positions ``first, first + step, ...``.
+
+        Drawn in chunks of a multiple of ``step`` that stay in cache (the same values as one
+        ``random(total_size)`` call: each double takes the next 64-bit draw), without the
+        whole stream in memory.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        offset, skip = first % step, first // step
+        out = np.empty(len(range(first, self.total_size, step)))
+        buffer = np.empty(step * UNIFORM_CHUNK)
+        seen = 0  # positions offset + j * step with j < seen were drawn
+        for start in range(0, self.total_size, len(buffer)):
+            size = min(len(buffer), self.total_size - start)
+            rng.random(out=buffer[:size])
+            part = buffer[offset:size:step]
+            drop = min(max(0, skip - seen), len(part))
+            out[seen + drop - skip : seen + len(part) - skip] = part[drop:]
+            seen += len(part)
+        return out
+
     def _draws(self, epoch: int, first: int, step: int) -> np.ndarray:
         """Stream positions ``first, first + step, ...`` of ``epoch`` as sample positions."""
-        uniforms = np.random.default_rng([self.seed, epoch]).random(self.total_size)
-        uniforms = uniforms[first::step]
+        uniforms = self._uniforms(epoch, first, step)
         n = len(uniforms)
         # Search in (nearly) ascending key order so consecutive binary searches share cached
         # paths: sort a key prefix packed with the position (one uint64 sort, ~3x faster than
