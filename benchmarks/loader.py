@@ -1,66 +1,92 @@
-"""Loader throughput per worker process: store reader vs raw decode vs per-band GeoTIFFs.
+"""Loader throughput per worker: batch reader vs raw decode vs the DataLoader path, and codec cost.
 
-Writes a synthetic store of ``--samples`` three-modality tiles (``--size`` px, default 534) and
-the same pixels as per-band GeoTIFFs (deflate, one file per band and tile, as SSL4EO/BigEarthNet
-ship them), then reads every tile once per pass in one random order, single process (what
-one DataLoader worker does), files in the page cache. Passes of the three readers are
-interleaved (``--repeats`` rounds) so load from other processes hits all of them alike; the
-table shows per-reader medians and the ratios are medians of the per-round ratios:
+Writes a synthetic store of ``--samples`` three-modality tiles (``--size`` px, default 534, chunk
+codec ``--codec``) and the same pixels as per-band GeoTIFFs (deflate, one file per band and
+tile, as SSL4EO/BigEarthNet ship them), then reads every tile once per pass in one random order,
+files in the page cache. Passes of all readers are interleaved (``--repeats`` rounds) so load
+from other processes hits them alike; the table shows per-reader medians and the ratios are
+medians of the per-round ratios:
 
-- ``loader``: :class:`StoreTileDataset` items (zarr read and decode of the three modalities,
-  nodata handling, tensors in the store dtype: exactly what a worker hands to collate),
-- ``loader via DataLoader``: the same through a 1-worker spawn DataLoader (collate + IPC),
+- ``reader``: :meth:`StoreTileDataset.__getitems__` in batches of ``--batch`` in this process
+  with one torch thread (concurrent chunk reads, decode into the batch buffers, nodata
+  handling: exactly what a worker does),
+- ``reader via DataLoader``: the same batches through a persistent 1-worker spawn DataLoader
+  (shared-memory batch buffers, identity collate); CPU time counts the worker and this process,
 - ``raw decode``: the lower bound for the same bytes: per modality, the shard index and the
-  tile's chunk read from the shard file, blosc-decoded (same codec, and single-threaded like
-  zarr's decode: importing zarr sets ``numcodecs.blosc.use_threads = False``) into a numpy view;
+  tile's chunk read from the shard file and decoded by numcodecs into a new array (blosc is
+  single-threaded like in zarr: importing zarr sets ``numcodecs.blosc.use_threads = False``);
   no nodata handling, no tensors,
+- ``zarr indexing``: ``array[i]`` per modality (what the reader did before),
 - ``GeoTIFF``: the same pixels from 26 per-band GeoTIFFs per tile with rasterio.
 
-Wall rates include waiting for the shared CPU; CPU rates count this process's CPU time (all
-threads), the better measure of what a worker per core sustains on a loaded machine.
-Goals: loader >= 2x GeoTIFF and >= 70% of raw decode.
-Usage: ``python benchmarks/loader.py [--samples 32] [--size 534] [--repeats 5]``.
+Wall rates include waiting for the shared CPU; CPU rates count CPU time (all threads), the better
+measure of what a worker per core sustains on a loaded machine.
+Goals: DataLoader >= 0.90 of the in-process reader, reader >= 0.85 of raw decode (CPU time),
+reader >= 2x GeoTIFF.
+
+With ``--real`` (default: ``$TERRAFM_SHARED/data/terramind_examples``), the real TerraMind
+samples are also prepared into one store per codec and the compressed size of each modality is
+printed: the compression-ratio cost of the GPU-decodable ``zstd`` codec against ``blosc``.
+Usage: ``python benchmarks/loader.py [--samples 32] [--size 534] [--repeats 5] [--codec blosc]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numcodecs.blosc
+import numcodecs
 import numpy as np
+import psutil
 import rasterio
 import rasterio.errors
+import torch
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
 from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
+from terrafm_lightning.store.codecs import CODECS, EMPTY_CHUNK
 from terrafm_lightning.store.format import open_store
-from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
+from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES, Encoding
 
-EMPTY = 2**64 - 1
-"""Shard-index offset of an inner chunk that was never written."""
+Reader = Callable[[np.ndarray], object]
 
 
 def make_dataset(path: str) -> StoreTileDataset:
     meta = SampleMetadata(open_store(path))
-    samples = np.arange(len(meta.written))
     return StoreTileDataset(
-        path, samples, meta.available, meta.worldcover_hist, meta.dominant_class, MODALITIES, 1.0
+        path,
+        np.arange(len(meta.written)),
+        meta.selected(MODALITIES, 1.0),
+        meta.worldcover_hist,
+        meta.dominant_class,
+        MODALITIES,
+        1.0,
     )
 
 
-def raw_reader(path: Path, size: int) -> Callable[[int], list[np.ndarray]]:
-    """Read a sample's inner chunks from the shard files and blosc-decode them."""
+def batched(dataset: StoreTileDataset, batch: int) -> Reader:
+    def read(order: np.ndarray) -> None:
+        for start in range(0, len(order), batch):
+            dataset.__getitems__(order[start : start + batch].tolist())
+
+    return read
+
+
+def raw_reader(path: Path, size: int, codec: str) -> Reader:
+    """Read each tile's inner chunks from the shard files and decode them with numcodecs."""
     per_shard = int(open_store(str(path)).attrs["samples_per_shard"])
     index_bytes = per_shard * 16 + 4  # (offset, nbytes) uint64 per inner chunk + crc32c
+    decompress = numcodecs.blosc.decompress if codec == "blosc" else numcodecs.zstd.decompress
 
-    def read(i: int) -> list[np.ndarray]:
+    def tile(i: int) -> list[np.ndarray]:
         out = []
         for m in MODALITIES:
             with open(path / m / "c" / str(i // per_shard) / "0" / "0" / "0", "rb") as f:
@@ -68,21 +94,27 @@ def raw_reader(path: Path, size: int) -> Callable[[int], list[np.ndarray]]:
                 index = np.frombuffer(f.read(index_bytes)[:-4], "<u8").reshape(-1, 2)
                 offset, nbytes = (int(v) for v in index[i % per_shard])
                 shape = (len(BANDS[m]), size, size)
-                if offset == EMPTY:  # chunk never written: all fill value (modality absent)
+                if offset == EMPTY_CHUNK:  # chunk never written: all fill value
                     out.append(np.full(shape, NODATA[m], PIXEL_DTYPES[m]))
                     continue
                 f.seek(offset)
-                chunk = numcodecs.blosc.decompress(f.read(nbytes))
+                chunk = decompress(f.read(nbytes))
             out.append(np.frombuffer(chunk, PIXEL_DTYPES[m]).reshape(shape))
         return out
 
-    return read
+    return lambda order: [tile(int(i)) for i in order]
 
 
-def write_geotiffs(dataset: StoreTileDataset, root: Path) -> None:
+def zarr_reader(path: Path) -> Reader:
+    root = open_store(str(path))
+    arrays = [root[m] for m in MODALITIES]
+    return lambda order: [[a[int(i)] for a in arrays] for i in order]
+
+
+def write_geotiffs(store: Path, n: int, root: Path) -> None:
     warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-    arrays = open_store(dataset.path)
-    for i in range(len(dataset)):
+    arrays = open_store(str(store))
+    for i in range(n):
         for m in MODALITIES:
             pixels = arrays[m][i]
             for b, band in enumerate(BANDS[m]):
@@ -98,8 +130,8 @@ def write_geotiffs(dataset: StoreTileDataset, root: Path) -> None:
                     dst.write(pixels[b], 1)
 
 
-def geotiff_reader(root: Path) -> Callable[[int], list[np.ndarray]]:
-    def read(i: int) -> list[np.ndarray]:
+def geotiff_reader(root: Path) -> Reader:
+    def tile(i: int) -> list[np.ndarray]:
         out = []
         for m in MODALITIES:
             bands = []
@@ -109,44 +141,134 @@ def geotiff_reader(root: Path) -> Callable[[int], list[np.ndarray]]:
             out.append(np.stack(bands))
         return out
 
-    return read
+    return lambda order: [tile(int(i)) for i in order]
 
 
-def rates(
-    readers: dict[str, Callable[[int], object]], order: np.ndarray, repeats: int
-) -> dict[str, np.ndarray]:
-    """Per reader, (repeats, 2) tiles/s by wall clock and process CPU time; passes interleaved."""
+class LoaderReader:
+    """A persistent 1-worker spawn DataLoader over fixed batches; CPU time includes the worker."""
+
+    def __init__(self, dataset: StoreTileDataset, order: np.ndarray, batch: int) -> None:
+        batches = [order[s : s + batch].tolist() for s in range(0, len(order), batch)]
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate_tile_batch,
+            num_workers=1,
+            multiprocessing_context="spawn",
+            persistent_workers=True,
+            prefetch_factor=2,
+        )
+        self.worker: psutil.Process | None = None
+
+    def __call__(self, order: np.ndarray) -> None:
+        iterator = iter(self.loader)
+        if self.worker is None:
+            self.worker = psutil.Process(iterator._workers[0].pid)
+        for _ in iterator:
+            pass
+
+    def worker_cpu(self) -> float:
+        if self.worker is None:
+            return 0.0
+        times = self.worker.cpu_times()
+        return times.user + times.system
+
+
+def rates(readers: dict[str, Reader], order: np.ndarray, repeats: int) -> dict[str, np.ndarray]:
+    """Per reader, (repeats, 2) tiles/s by wall clock and CPU time; passes interleaved."""
     for read in readers.values():
-        for i in order[: min(4, len(order))]:
-            read(int(i))  # warm caches
+        read(order[: min(8, len(order))])  # warm caches, start workers
     out: dict[str, list[tuple[float, float]]] = {name: [] for name in readers}
     for _ in range(repeats):
         for name, read in readers.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            for i in order:
-                read(int(i))
+            extra = read.worker_cpu if isinstance(read, LoaderReader) else lambda: 0.0
+            wall, cpu, other = time.perf_counter(), time.process_time(), extra()
+            read(order)
+            cpu_s = time.process_time() - cpu + extra() - other
             tiles = len(order)
-            out[name].append(
-                (tiles / (time.perf_counter() - wall), tiles / (time.process_time() - cpu))
-            )
+            out[name].append((tiles / (time.perf_counter() - wall), tiles / cpu_s))
     return {name: np.array(values) for name, values in out.items()}
 
 
-def dataloader_rate(dataset: StoreTileDataset, order: np.ndarray, repeats: int) -> float:
-    loader = DataLoader(
-        dataset,
-        batch_size=4,
-        sampler=list(order) * repeats,
-        num_workers=1,
-        multiprocessing_context="spawn",
-        prefetch_factor=4,
+def throughput(args: argparse.Namespace, tmp: Path) -> None:
+    # One intra-op thread, as in every DataLoader worker (idle OpenMP threads would spin and
+    # bill CPU time to the in-process reader that a worker never pays).
+    torch.set_num_threads(1)
+    store = tmp / "store.zarr"
+    encoding = Encoding(codec=args.codec)
+    prepare_synthetic(
+        str(store), args.samples, args.size, encoding=encoding, scheduler="sync", progress=False
     )
-    iterator = iter(loader)
-    next(iterator)  # worker start-up is not throughput
-    start, count = time.perf_counter(), 0
-    for batch in iterator:
-        count += len(batch["index"])
-    return count / (time.perf_counter() - start)
+    dataset = make_dataset(str(store))
+    tiffs = tmp / "tiffs"
+    tiffs.mkdir()
+    write_geotiffs(store, args.samples, tiffs)
+    order = np.random.default_rng(0).permutation(args.samples)
+    names = {
+        "reader": f"reader (batches of {args.batch})",
+        "loader": "reader via 1-worker DataLoader",
+        "raw": f"raw read + {args.codec} decode",
+        "zarr": "zarr Array indexing",
+        "geotiff": "per-band GeoTIFF (rasterio)",
+    }
+    measured = rates(
+        {
+            names["reader"]: batched(dataset, args.batch),
+            names["loader"]: LoaderReader(dataset, order, args.batch),
+            names["raw"]: raw_reader(store, args.size, args.codec),
+            names["zarr"]: zarr_reader(store),
+            names["geotiff"]: geotiff_reader(tiffs),
+        },
+        order,
+        args.repeats,
+    )
+    print(f"{args.samples} tiles of {args.size} px, S1 + S2 L1C + S2 L2A, codec {args.codec}")
+    print(f"medians of {args.repeats} interleaved passes, {os.cpu_count()} CPUs")
+    print(f"{'':36s} {'wall tiles/s':>12s} {'CPU tiles/s':>12s}")
+    for name, values in measured.items():
+        wall, cpu = np.median(values, axis=0)
+        print(f"{name:36s} {wall:12.1f} {cpu:12.1f}")
+    reader = measured[names["reader"]]
+
+    def ratio(name: str, column: int) -> float:
+        return float(np.median(measured[name][:, column] / reader[:, column]))
+
+    print(
+        f"DataLoader / in-process reader, wall: {ratio(names['loader'], 0):5.2f} (goal >= 0.90)"
+        f"; CPU: {ratio(names['loader'], 1):5.2f}"
+    )
+    print(
+        f"reader / raw decode, CPU: {1 / ratio(names['raw'], 1):5.2f} (goal >= 0.85)"
+        f"; wall: {1 / ratio(names['raw'], 0):5.2f}"
+    )
+    print(f"reader / GeoTIFF, CPU: {1 / ratio(names['geotiff'], 1):5.2f}x (goal >= 2x)")
+    print(f"reader / zarr indexing, CPU: {1 / ratio(names['zarr'], 1):5.2f}x")
+
+
+def codec_cost(real: Path, tmp: Path) -> None:
+    """Compressed bytes per modality of the real samples, one store per codec."""
+    if not real.is_dir():
+        print(f"real samples not found at {real}: codec cost skipped (pass --real)")
+        return
+    sizes: dict[str, dict[str, int]] = {}
+    for codec in CODECS:
+        path = tmp / f"real_{codec}.zarr"
+        prepare_geotiff(
+            str(real), str(path), encoding=Encoding(codec=codec), scheduler="sync", progress=False
+        )
+        sizes[codec] = {
+            m: sum(f.stat().st_size for f in (path / m / "c").rglob("*") if f.is_file())
+            for m in MODALITIES
+        }
+    root = open_store(str(tmp / "real_blosc.zarr"))
+    print(f"\nreal samples {real} ({root['s1'].shape[0]} tiles of {root.attrs['tile_size']} px)")
+    print(f"{'':8s} {'raw MB':>8s} " + " ".join(f"{c + ' ratio':>12s}" for c in CODECS))
+    for m in MODALITIES:
+        raw = root[m].nbytes
+        ratios = " ".join(f"{raw / sizes[c][m]:12.2f}" for c in CODECS)
+        print(f"{m:8s} {raw / 1e6:8.1f} {ratios}")
+    total = {c: sum(sizes[c].values()) for c in CODECS}
+    print(f"zstd / blosc bytes: {total['zstd'] / total['blosc']:.2f} (the GPU codec's size cost)")
 
 
 def main() -> None:
@@ -154,40 +276,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--size", type=int, default=534)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--codec", choices=CODECS, default="blosc")
+    shared = Path(os.environ.get("TERRAFM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    parser.add_argument("--real", type=Path, default=shared / "data" / "terramind_examples")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store.zarr"
-        prepare_synthetic(str(store), args.samples, args.size, scheduler="sync", progress=False)
-        dataset = make_dataset(str(store))
-        tiffs = Path(tmp) / "tiffs"
-        tiffs.mkdir()
-        write_geotiffs(dataset, tiffs)
-        order = np.random.default_rng(0).permutation(args.samples)
-        measured = rates(
-            {
-                "loader (StoreTileDataset)": dataset.__getitem__,
-                "raw read + blosc decode": raw_reader(store, args.size),
-                "per-band GeoTIFF (rasterio)": geotiff_reader(tiffs),
-            },
-            order,
-            args.repeats,
-        )
-        via_loader = dataloader_rate(dataset, order, args.repeats)
-    print(f"{args.samples} tiles of {args.size} px, S1 + S2 L1C + S2 L2A, one process")
-    print(f"medians of {args.repeats} interleaved passes")
-    print(f"{'':32s} {'wall tiles/s':>12s} {'CPU tiles/s':>12s}")
-    for name, values in measured.items():
-        wall, cpu = np.median(values, axis=0)
-        print(f"{name:32s} {wall:12.1f} {cpu:12.1f}")
-    print(f"{'loader via 1-worker DataLoader':32s} {via_loader:12.1f}")
-    loader = measured["loader (StoreTileDataset)"]
-    geotiff = np.median(loader / measured["per-band GeoTIFF (rasterio)"], axis=0)
-    raw = np.median(loader / measured["raw read + blosc decode"], axis=0)
-    for k, clock in enumerate(("wall", "CPU")):
-        print(
-            f"{clock:4s}: loader / GeoTIFF {geotiff[k]:5.2f}x (goal >= 2x), "
-            f"loader / raw decode {raw[k]:5.2f} (goal >= 0.70)"
-        )
+        throughput(args, Path(tmp))
+        codec_cost(args.real, Path(tmp))
 
 
 if __name__ == "__main__":

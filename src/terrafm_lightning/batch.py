@@ -44,6 +44,20 @@ class TileBatch(TileMetadata, ModalityTensors):
     """
 
 
+class EncodedTileBatch(TileMetadata):
+    """What CPU workers yield when the tiles are decoded on the device (GPU decode path).
+
+    Per selected modality the compressed whole-tile chunks of the batch, concatenated; rows
+    without a chunk (absent modality, or never written) have zero length. The reader's
+    ``decode_encoded`` turns it into a :class:`TileBatch` on the device.
+    """
+
+    chunks: dict[str, Tensor]
+    """modality -> uint8 (total bytes,) concatenated compressed chunks."""
+    chunk_offsets: dict[str, list[int]]
+    """modality -> B + 1 byte offsets into ``chunks`` (host ints: slicing needs no sync)."""
+
+
 class CropBatch(TileMetadata):
     """Multi-crop training batch, made on the device by ``MultiCrop``."""
 

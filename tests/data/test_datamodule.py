@@ -129,7 +129,7 @@ def test_spawned_workers_open_the_store_themselves(tmp_path: Path, store: Path) 
     dm = _module(store, num_workers=2, persistent_workers=True, tau=0.0, batch_size=2)
     loader = dm.train_dataloader()
     seen = [batch["index"] for _, batch in zip(range(6), loader, strict=False)]
-    assert len(seen) == 6 and dm.train_dataset._arrays is None
+    assert len(seen) == 6 and dm.train_dataset._reader is None
     # A bad tile read in a worker surfaces as TileReadError naming store and sample.
     path = tmp_path / "store.zarr"
     shutil.copytree(store, path)

@@ -15,7 +15,12 @@ TERRAMIND_FOLDERS = ("S1RTC", "S2L1C", "S2L2A")
 
 
 def make_synthetic_store(
-    path: Path, n_samples: int = 32, tile_size: int = 64, seed: int = 0, samples_per_shard: int = 4
+    path: Path,
+    n_samples: int = 32,
+    tile_size: int = 64,
+    seed: int = 0,
+    samples_per_shard: int = 4,
+    codec: str = "blosc",
 ) -> Path:
     """Write a small synthetic store in-process (no dask; ~20 ms per 64 px tile) and return it."""
     prepare_synthetic(
@@ -23,7 +28,7 @@ def make_synthetic_store(
         n_samples,
         tile_size,
         seed,
-        encoding=Encoding(samples_per_shard=samples_per_shard),
+        encoding=Encoding(samples_per_shard=samples_per_shard, codec=codec),
         overwrite=True,
         scheduler="sync",
         progress=False,

@@ -1,8 +1,11 @@
 """``TerraFMDataModule``: streams a store (local or fsspec URL) into TerraFM pretraining batches.
 
-CPU workers (spawn/forkserver, persistent) only read and decode whole tiles
-(:class:`StoreTileDataset`); multi-crop, flips, normalisation and modality draws run batched on
-the device in :meth:`TerraFMDataModule.on_after_batch_transfer` (:class:`MultiCrop`).
+CPU workers (spawn/forkserver, persistent) only read and decode whole tiles, a batch at a time
+into shared-memory buffers (:class:`StoreTileDataset`); batches are pinned when an accelerator is
+present. With a GPU-decodable store codec, CUDA and nvCOMP, the workers send the compressed
+chunks instead and :meth:`TerraFMDataModule.transfer_batch_to_device` decodes them on the device.
+Multi-crop, flips, normalisation and modality draws run batched on the device in
+:meth:`TerraFMDataModule.on_after_batch_transfer` (:class:`MultiCrop`).
 
 Mid-epoch resume: the module's ``state_dict`` holds the sampler's epoch and this rank's position
 counted in samples that reached ``on_after_batch_transfer`` during training (so DataLoader
@@ -21,9 +24,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
 from terrafm_lightning.modalities import MODALITIES, check_modality
+from terrafm_lightning.store.codecs import DeviceDecoder, device_decoder
 from terrafm_lightning.store.format import StoreError, open_store
 
 log = logging.getLogger(__name__)
@@ -175,8 +179,8 @@ class TerraFMDataModule(LightningDataModule):
             return
         hp = self.hparams
         meta = SampleMetadata(open_store(hp.path, storage_options=hp.storage_options))
-        usable = meta.usable(self.modalities, hp.nodata_threshold)
-        keep = meta.written & usable.any(axis=1)
+        available = meta.selected(self.modalities, hp.nodata_threshold)
+        keep = meta.written & available.any(axis=1)
         samples = np.flatnonzero(keep)
         self.skipped_samples = int((~keep).sum())
         if self.skipped_samples:
@@ -187,7 +191,7 @@ class TerraFMDataModule(LightningDataModule):
                 self.skipped_samples,
                 len(keep),
                 int((~meta.written).sum()),
-                int((meta.written & ~usable.any(axis=1)).sum()),
+                int((meta.written & ~available.any(axis=1)).sum()),
                 self.modalities,
                 hp.nodata_threshold,
             )
@@ -200,7 +204,7 @@ class TerraFMDataModule(LightningDataModule):
             name: StoreTileDataset(
                 hp.path,
                 samples[part],
-                usable[samples[part]],
+                available[samples[part]],
                 meta.worldcover_hist[samples[part]],
                 meta.dominant_class[samples[part]],
                 self.modalities,
@@ -217,6 +221,12 @@ class TerraFMDataModule(LightningDataModule):
             worldcover_tile_weights(hist, frequencies, hp.tau) if hp.tau > 0 else np.ones(len(hist))
         )
 
+    device_decoder: DeviceDecoder | None = None
+    """Decoder of the device-decode path; None: nvCOMP when the store codec, CUDA and the
+    library allow it (see :func:`~terrafm_lightning.store.codecs.device_decoder`), else the
+    workers decode on the CPU. Set it to force a backend (tests use the CPU one)."""
+    _decoder: DeviceDecoder | None = None
+
     def _loader(
         self,
         dataset: StoreTileDataset,
@@ -226,9 +236,12 @@ class TerraFMDataModule(LightningDataModule):
     ) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers > 0
+        self._decoder = self.device_decoder or self._auto_decoder(dataset)
+        dataset.encoded = self._decoder is not None
         return cls(
             dataset,
             batch_size=batch_size,
+            collate_fn=collate_tile_batch,
             num_workers=hp.num_workers,
             multiprocessing_context=hp.worker_context if workers else None,
             persistent_workers=hp.persistent_workers and workers,
@@ -236,6 +249,15 @@ class TerraFMDataModule(LightningDataModule):
             pin_memory=hp.pin_memory and torch.accelerator.is_available(),
             **kw,
         )
+
+    def _auto_decoder(self, dataset: StoreTileDataset) -> DeviceDecoder | None:
+        trainer = self.trainer
+        if trainer is None or trainer.strategy.root_device.type != "cuda":
+            return None
+        codecs = dataset.codecs
+        if len(codecs) != 1:
+            return None
+        return device_decoder(codecs.pop(), trainer.strategy.root_device)
 
     def train_dataloader(self) -> DataLoader:
         """Weighted draws, a disjoint equal share per rank, resumed mid-epoch if restored."""
@@ -271,6 +293,16 @@ class TerraFMDataModule(LightningDataModule):
         return self._loader(
             self.val_dataset, self.hparams.val_batch_size or self.hparams.batch_size
         )
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Move the (pinned) batch; compressed chunks are decoded on ``device`` after the copy."""
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if isinstance(batch, dict) and "chunks" in batch:
+            # Train and validation datasets read the same arrays: either decodes.
+            batch = self.train_dataset.decode_encoded(batch, self._decoder)
+        return batch
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
         """Training: multi-crop and modality draws; otherwise whole tiles (``whole_tiles``)."""

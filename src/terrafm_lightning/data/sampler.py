@@ -10,10 +10,16 @@ samples tiles uniformly, ``tau = 1`` makes every class equally likely in expecta
 frequency). Classes absent from the store (``f_c = 0``) contribute nothing; a tile without any
 valid WorldCover pixel gets weight 1, the weight every tile has at ``tau = 0``.
 
-All ranks draw the same with-replacement stream from a generator seeded by ``(seed, epoch)`` and
-rank r keeps positions r, r + R, r + 2R, ... of it, so the ranks' shares are disjoint, equally long
-and together are exactly the stream a single process would draw. Draws are independent over the
-whole dataset, so every batch mixes tiles from as many chunks/shards as it has samples.
+All ranks share one with-replacement stream drawn from a generator seeded by ``(seed, epoch)``
+and rank r keeps positions r, r + R, r + 2R, ... of it, so the ranks' shares are disjoint, equally
+long and together are exactly the stream a single process would draw. Draws are independent over
+the whole dataset, so every batch mixes tiles from as many chunks/shards as it has samples.
+
+The stream is ``Generator.choice(N, size, p=p)`` of numpy, bit for bit, but built per rank: numpy
+maps uniforms through the cumulative distribution (``cdf = p.cumsum(); cdf /= cdf[-1]``, then
+``searchsorted(uniforms, side="right")``). The CDF is computed once and cached; each rank draws the
+epoch's uniforms (a fast sequential fill, chunk by chunk) and searches only its own positions, in
+sorted order so the binary searches stay in cache (``benchmarks/sampler_scale.py`` measures it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
+
+UNIFORM_CHUNK = 16384
+"""Uniforms of one rank drawn per chunk (the chunk holds ``num_replicas`` times as many)."""
 
 
 def worldcover_tile_weights(
@@ -101,24 +110,67 @@ class WorldCoverWeightedSampler(DistributedSampler):
         # DistributedSampler's own bookkeeping (num_samples, total_size) is replaced below.
         super().__init__(range(probabilities.size), num_replicas=num_replicas, rank=rank, seed=seed)
         self.probabilities = probabilities / probabilities.sum()
+        # Exactly the operations of numpy's Generator.choice, so draws are bit-identical to it.
+        self._cdf = self.probabilities.cumsum()
+        self._cdf /= self._cdf[-1]
         self.num_samples = math.ceil(total / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.position = 0
         self._resume_epoch: int | None = None
         self._resume_position = 0
 
+    def _uniforms(self, epoch: int, first: int, step: int) -> np.ndarray:
+        """The epoch generator's uniforms at stream positions ``first, first + step, ...``.
+
+        Drawn in chunks of a multiple of ``step`` that stay in cache (the same values as one
+        ``random(total_size)`` call: each double takes the next 64-bit draw), without the
+        whole stream in memory.
+        """
+        rng = np.random.default_rng([self.seed, epoch])
+        offset, skip = first % step, first // step
+        out = np.empty(len(range(first, self.total_size, step)))
+        buffer = np.empty(step * UNIFORM_CHUNK)
+        seen = 0  # positions offset + j * step with j < seen were drawn
+        for start in range(0, self.total_size, len(buffer)):
+            size = min(len(buffer), self.total_size - start)
+            rng.random(out=buffer[:size])
+            part = buffer[offset:size:step]
+            drop = min(max(0, skip - seen), len(part))
+            out[seen + drop - skip : seen + len(part) - skip] = part[drop:]
+            seen += len(part)
+        return out
+
+    def _draws(self, epoch: int, first: int, step: int) -> np.ndarray:
+        """Stream positions ``first, first + step, ...`` of ``epoch`` as sample positions."""
+        uniforms = self._uniforms(epoch, first, step)
+        n = len(uniforms)
+        # Search in (nearly) ascending key order so consecutive binary searches share cached
+        # paths: sort a key prefix packed with the position (one uint64 sort, ~3x faster than
+        # argsort); the search itself uses the exact keys, so the order only affects speed.
+        bits = max(1, (n - 1).bit_length())
+        packed = (uniforms * 2.0 ** (64 - bits)).astype(np.uint64) << np.uint64(bits)
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        order = (packed & np.uint64((1 << bits) - 1)).astype(np.int64)
+        draws = np.empty(n, np.int64)
+        draws[order] = self._cdf.searchsorted(uniforms[order], side="right")
+        return draws
+
     def stream(self, epoch: int) -> np.ndarray:
         """The full stream of draws of ``epoch``, identical on every rank."""
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.choice(self.probabilities.size, size=self.total_size, p=self.probabilities)
+        return self._draws(epoch, 0, 1)
+
+    def share(self, epoch: int, start: int = 0) -> np.ndarray:
+        """This rank's draws of ``epoch`` from position ``start`` of its share on."""
+        return self._draws(epoch, self.rank + start * self.num_replicas, self.num_replicas)
 
     def __iter__(self) -> Iterator[int]:
         start = self._resume_position if self._resume_epoch == self.epoch else 0
         self._resume_epoch, self._resume_position = None, 0
-        share = self.stream(self.epoch)[self.rank :: self.num_replicas]
-        for position in range(start, self.num_samples):
+        share = self.share(self.epoch, start)
+        for position, draw in enumerate(share.tolist(), start):
             self.position = position + 1  # samples handed out so far, this one included
-            yield int(share[position])
+            yield draw
 
     def __len__(self) -> int:
         """Draws per epoch on this rank (the full count, also when resuming mid-epoch)."""

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import StoreTileDataset
+from terrafm_lightning.data.reader import StoreTileDataset, collate_tile_batch
 from terrafm_lightning.eval.knn import knn_scores, score_metrics
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.modalities import MODALITIES
@@ -49,7 +49,7 @@ def tile_features(
     backbone.eval()
     classes = torch.tensor(dm.classes)
     parts: dict[str, list[tuple[Tensor, Tensor]]] = {view: [] for view in VIEWS}
-    for batch in DataLoader(dataset, batch_size=batch_size):
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tile_batch):
         tiles = dm.multicrop.whole_tiles(batch)
         labelled = batch["dominant_class"] > 0
         labels = torch.searchsorted(classes, batch["dominant_class"])

@@ -149,7 +149,7 @@ def pca_figure(
 ) -> Path:
     """PCA maps of held-out tiles that have every modality, one per dominant class first."""
     dataset = dm.val_dataset
-    complete = np.flatnonzero(dataset.usable.all(axis=1))
+    complete = np.flatnonzero(dataset.available.all(axis=1))
     order = sorted(complete, key=lambda k: (dataset.dominant_class[k], k))
     picked, seen = [], set()
     for k in order:  # one tile per dominant class, then fill up

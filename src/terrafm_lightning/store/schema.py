@@ -14,6 +14,7 @@ import numpy as np
 import zarr.codecs
 
 from terrafm_lightning.modalities import BANDS, MODALITIES, WORLDCOVER_CLASSES
+from terrafm_lightning.store.codecs import compressor
 
 FORMAT_VERSION = 2
 """2: skip / drop bookkeeping as per-sample arrays and ``worldcover_coverage`` (1: ``skipped``
@@ -60,10 +61,12 @@ class Encoding:
     cname: str = "zstd"
     clevel: int = 1
     shuffle: str = "bitshuffle"
+    codec: str = "blosc"
+    """``"blosc"`` or ``"zstd"`` (GPU-decodable; see :mod:`terrafm_lightning.store.codecs`)."""
 
-    def compressor(self) -> zarr.codecs.BloscCodec:
+    def compressor(self) -> zarr.abc.codec.BytesBytesCodec:
         """The codec applied to every inner chunk of the pixel and WorldCover arrays."""
-        return zarr.codecs.BloscCodec(cname=self.cname, clevel=self.clevel, shuffle=self.shuffle)
+        return compressor(self.codec, self.clevel, self.cname, self.shuffle)
 
 
 @dataclass(frozen=True)
