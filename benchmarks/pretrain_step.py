@@ -10,6 +10,8 @@ run in a subprocess with the same arguments), per phase of the step:
 Syncs are ``aten::_local_scalar_dense`` (``.item()``, ``bool()``, ``if tensor``) plus
 ``aten::nonzero`` (also what boolean-mask indexing runs); boolean ``aten::index`` calls are listed
 on their own. On CPU none of them stalls anything, but each one is a device-to-host wait on a GPU.
+Scalar reads inside ``_assert_async`` and ``_fused_adamw_`` are listed apart: only their CPU
+kernels make them. Outer aten ops are those not called by another aten op.
 
 Samples/s (tiny vs small on CPU; on a GPU paper crops, bf16, eager and compiled):
     python benchmarks/pretrain_step.py speed --models terrafm_tiny terrafm_small
@@ -44,6 +46,9 @@ from terrafm_lightning.ssl.module import TerraFMPretrainModule
 
 PHASES = ("data", "forward", "backward", "optimizer")
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+# Scalar reads that only the CPU kernels of these ops make: on a GPU a device-side assertion and
+# the fused AdamW kernel (steps kept on the device) read nothing back to the host.
+CPU_ONLY_READS = ("aten::_assert_async", "aten::_fused_adamw_")
 
 
 def raw_batch(batch_size: int, tile: int, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -161,7 +166,7 @@ def count_ops(prof: profile, steps: int) -> dict[str, dict[str, float]]:
     phase ranges do not nest in the profiler's event tree.
     """
     events = prof.events()
-    ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES)
+    ranges = [(e.time_range.start, e.time_range.end, e.name) for e in events if e.name in PHASES]
     counts: dict[str, Counter] = {p: Counter() for p in (*PHASES, "total")}
     for event in events:
         name = event.name
@@ -171,34 +176,59 @@ def count_ops(prof: profile, steps: int) -> dict[str, dict[str, float]]:
         phase = next((p for s, e, p in ranges if s <= start <= e), None)
         if phase is None:
             continue
-        parent, outer = event.cpu_parent, True
-        while parent is not None and outer:
-            outer = not parent.name.startswith("aten::")
+        ancestors = []
+        parent = event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
             parent = parent.cpu_parent
-        boolean = name == "aten::index" and any(c.name == "aten::nonzero" for c in event.cpu_children)
+        outer = not any(a.startswith("aten::") for a in ancestors)
+        children = {child.name for child in event.cpu_children}
+        boolean = name == "aten::index" and "aten::nonzero" in children
+        cpu_only = next((a for a in ancestors if a in CPU_ONLY_READS), None)
         for key in (phase, "total"):
             c = counts[key]
             c["aten_ops"] += 1
             c["outer_aten_ops"] += outer
             c["boolean_index"] += boolean
-            if name in SYNC_OPS:
+            if name in SYNC_OPS and cpu_only:
+                c[f"cpu-only read in {cpu_only}"] += 1
+            elif name in SYNC_OPS:
                 c["syncs"] += 1
                 c[name] += 1
-    return {
-        phase: {k: v / steps for k, v in sorted(c.items())} for phase, c in counts.items() if c
-    }
+    return {phase: {k: v / steps for k, v in sorted(c.items())} for phase, c in counts.items() if c}
+
+
+def compile_nets(model: TerraFMPretrainModule, fullgraph: bool) -> None:
+    """``torch.compile`` the student's and the teacher's backbone and head (static shapes)."""
+    for net in (model.student, model.teacher):
+        for part in (net.backbone, net.head):
+            part.compile(fullgraph=fullgraph, dynamic=False)
 
 
 def measure_ops(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Ops per step of ``args.models[0]`` on CPU, counted over ``args.steps`` steps."""
+    """Ops per step of ``args.models[0]`` on CPU, counted over ``args.steps`` steps.
+
+    With ``--compile on`` the nets are compiled (graph breaks allowed, so older trees compile
+    too) and the graph breaks and compiled graphs are counted as well.
+    """
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, multicrop = build(args, args.models[0])
+    if args.compile == "on":
+        compile_nets(model, fullgraph=False)
     profiler = PhaseProfiler(args.warmup, args.steps)
     batch = raw_batch(args.batch_size, tile_size(args))
     fit = trainer("cpu", [profiler])
     fit.fit(model, datamodule=RandomTiles(batch, args.warmup + args.steps, multicrop))
-    return count_ops(profiler.prof, args.steps)
+    counts = count_ops(profiler.prof, args.steps)
+    if args.compile == "on":
+        from torch._dynamo.utils import counters
+
+        counts["compile"] = {
+            "graph_breaks": float(sum(counters["graph_break"].values())),
+            "unique_graphs": float(counters["stats"]["unique_graphs"]),
+        }
+    return counts
 
 
 def baseline_ops(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
@@ -230,13 +260,13 @@ def _is_baseline_arg(argv: list[str], i: int) -> bool:
 
 def print_ops(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]] | None) -> None:
     """One row per phase and count, this tree next to the baseline with their ratio."""
-    header = f"{'phase':<10}{'count':<28}{'this tree':>11}"
+    header = f"{'phase':<10}{'count':<42}{'this tree':>11}"
     print(header + (f"{'baseline':>11}{'ratio':>8}" if old else ""))
-    for phase in (*PHASES, "total"):
+    for phase in (*PHASES, "total", "compile"):
         keys = sorted(set(new.get(phase, {})) | set((old or {}).get(phase, {})))
         for key in keys:
             value = new.get(phase, {}).get(key, 0.0)
-            row = f"{phase:<10}{key:<28}{value:>11.1f}"
+            row = f"{phase:<10}{key:<42}{value:>11.1f}"
             if old:
                 before = old.get(phase, {}).get(key, 0.0)
                 ratio = f"{value / before:>8.2f}" if before else f"{'-':>8}"
@@ -260,8 +290,7 @@ def measure_speed(args: argparse.Namespace, name: str, compiled: bool) -> dict[s
     """Samples/s of ``name`` through the Trainer (and peak memory on CUDA)."""
     model, multicrop = build(args, name)
     if compiled:
-        for net in (model.student, model.teacher):
-            net.backbone.compile(fullgraph=True)
+        compile_nets(model, fullgraph=True)
     batch = raw_batch(args.batch_size, tile_size(args))
     timer = StepTimer()
     if args.device == "cuda":

@@ -98,8 +98,10 @@ def draw_modalities(available: Tensor, mode: DrawMode, probability: float = 0.5)
     usable = available.any(dim=1)
     require(
         usable,
-        lambda: f"batch rows {torch.nonzero(~usable).flatten().tolist()} have no available "
-        "modality to draw from",
+        lambda: (
+            f"batch rows {torch.nonzero(~usable).flatten().tolist()} have no available "
+            "modality to draw from"
+        ),
     )
     subsets = _subset_bits(available.device)[None]  # (1, 7, 3)
     have = available[:, None, :]  # (R, 1, 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -110,6 +112,20 @@ class ModalityPatchEmbed(nn.Module):
         """Stem tokens ``conv_m(x) + e_m`` of one modality, (B, N, stem_dim)."""
         tokens = getattr(self, f"conv2d_{modality}")(x).flatten(2).transpose(1, 2)
         return tokens + getattr(self, f"{modality}_embed")
+
+    def unused_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """Parameters that a forward on the modalities ``names`` does not reach.
+
+        The stems of the other modalities, and the fusion when only one modality is given.
+        """
+        given = [m for m in self.modalities if m in set(names)]
+        params = [
+            p
+            for m in self.modalities
+            if m not in given
+            for p in (*getattr(self, f"conv2d_{m}").parameters(), getattr(self, f"{m}_embed"))
+        ]
+        return params + list(self.fusion.parameters()) if len(given) == 1 else params
 
     def forward(self, inputs: dict[str, Tensor], presence: Tensor) -> Tensor:
         """Embed a batch whose samples may carry different modality subsets.

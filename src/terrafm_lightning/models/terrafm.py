@@ -133,16 +133,19 @@ class TerraFM(nn.Module):
         lacking = [m for m in MODALITIES if m not in inputs]
         if lacking:
             marked = torch.stack([presence[:, MODALITIES.index(m)].any() for m in lacking])
-            require(
-                ~marked,
-                lambda: f"presence mask marks {[m for m, bad in zip(lacking, marked.tolist(), strict=True) if bad]} "
-                "present but inputs lack them",
-            )
+
+            def message() -> str:
+                names = [m for m, bad in zip(lacking, marked.tolist(), strict=True) if bad]
+                return f"presence mask marks {names} present but inputs lack them"
+
+            require(~marked, message)
         used = presence.any(dim=1)
         require(
             used,
-            lambda: "presence mask has no modality for samples "
-            f"{torch.nonzero(~used).flatten().tolist()}",
+            lambda: (
+                "presence mask has no modality for samples "
+                f"{torch.nonzero(~used).flatten().tolist()}"
+            ),
         )
         return presence
 

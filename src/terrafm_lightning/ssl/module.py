@@ -292,6 +292,11 @@ class TerraFMPretrainModule(L.LightningModule):
         student, teacher, cls = self._student_teacher_logits(batch)
         teacher_probs = torch.softmax(self.centering(teacher.float()) / teacher_temp, dim=-1)
         loss = dino_loss(student, teacher_probs, self.hparams.student_temp)
+        # Stems of modalities the crops lack (and the fusion, with one modality) still take
+        # part, with weight 0, so DDP runs without find_unused_parameters.
+        unused = self.student.backbone.patch_embed.unused_parameters(batch["global_crops"])
+        if unused:
+            loss = loss + 0.0 * sum(p.sum() for p in unused)
         entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean()
         feature_std = torch.nn.functional.normalize(cls.detach().float(), dim=-1).std(0).mean()
         return {"loss": loss, "teacher": teacher, "entropy": entropy, "feature_std": feature_std}
@@ -307,9 +312,12 @@ class TerraFMPretrainModule(L.LightningModule):
         out = self._loss(batch, values["teacher_temp"])
         loss = out["loss"]
         self._record_non_finite(loss, step)
+        dominant, size = batch["dominant_class"], batch["dominant_class"].shape[0]
         if (batch_idx + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.is_last_batch:
-            self._check_finite()
-        dominant = batch["dominant_class"]
+            # The progress bar turns its values into numbers after every batch, so it gets the
+            # loss read here, with the finite check, as a CPU number.
+            value = torch.tensor(self._check_finite(loss))
+            self.log("loss", value, prog_bar=True, logger=False, batch_size=size)
         self.centering.accumulate(out["teacher"], dominant)
         now = time.perf_counter()
         logs = {
@@ -329,9 +337,7 @@ class TerraFMPretrainModule(L.LightningModule):
             rate = dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
             logs["samples_per_sec"] = torch.tensor(rate)
         self._last_step_time = now
-        size = dominant.shape[0]
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=size)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=size)
         return loss
 
     def _record_non_finite(self, loss: Tensor, step: int) -> None:
@@ -349,16 +355,22 @@ class TerraFMPretrainModule(L.LightningModule):
         """Never write a checkpoint after a non-finite loss."""
         self._check_finite()
 
-    def _check_finite(self) -> None:
-        """Stop on a recorded non-finite loss: one host sync, every ``log_every_n_steps``."""
+    def _check_finite(self, loss: Tensor | None = None) -> float:
+        """Stop on a recorded non-finite loss; one host sync, which also reads ``loss``.
+
+        Returns:
+            The value of ``loss`` (NaN without one).
+        """
         if self._non_finite is None:
-            return
-        first = int(self._non_finite[0])
+            return float("nan")
+        parts = [*self._non_finite, *([] if loss is None else [loss.detach()])]
+        first, bad, *current = torch.stack([p.double() for p in parts]).tolist()
         if first >= 0:
             raise FloatingPointError(
-                f"non-finite DINO loss ({self._non_finite[1].item()}) at optimizer step {first} "
+                f"non-finite DINO loss ({bad}) at optimizer step {int(first)} "
                 f"(epoch {self.current_epoch}): stopping; lower the lr or check the input batch"
             )
+        return current[0] if current else float("nan")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Teacher CLS features of whole-tile evaluation batches (``inputs``, ``presence``)."""
