@@ -198,37 +198,25 @@ def count_ops(prof: profile, steps: int) -> dict[str, dict[str, float]]:
     return {phase: {k: v / steps for k, v in sorted(c.items())} for phase, c in counts.items() if c}
 
 
-def compile_nets(model: TerraFMPretrainModule, fullgraph: bool) -> None:
+def compile_nets(
+    model: TerraFMPretrainModule, fullgraph: bool = True, backend: str = "inductor"
+) -> None:
     """``torch.compile`` the student's and the teacher's backbone and head (static shapes)."""
     for net in (model.student, model.teacher):
         for part in (net.backbone, net.head):
-            part.compile(fullgraph=fullgraph, dynamic=False)
+            part.compile(fullgraph=fullgraph, dynamic=False, backend=backend)
 
 
 def measure_ops(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Ops per step of ``args.models[0]`` on CPU, counted over ``args.steps`` steps.
-
-    With ``--compile on`` the nets are compiled (graph breaks allowed, so older trees compile
-    too) and the graph breaks and compiled graphs are counted as well.
-    """
+    """Ops per step of ``args.models[0]`` on CPU (eager), counted over ``args.steps`` steps."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, multicrop = build(args, args.models[0])
-    if args.compile == "on":
-        compile_nets(model, fullgraph=False)
     profiler = PhaseProfiler(args.warmup, args.steps)
     batch = raw_batch(args.batch_size, tile_size(args))
     fit = trainer("cpu", [profiler])
     fit.fit(model, datamodule=RandomTiles(batch, args.warmup + args.steps, multicrop))
-    counts = count_ops(profiler.prof, args.steps)
-    if args.compile == "on":
-        from torch._dynamo.utils import counters
-
-        counts["compile"] = {
-            "graph_breaks": float(sum(counters["graph_break"].values())),
-            "unique_graphs": float(counters["stats"]["unique_graphs"]),
-        }
-    return counts
+    return count_ops(profiler.prof, args.steps)
 
 
 def baseline_ops(args: argparse.Namespace, argv: list[str]) -> dict[str, dict[str, float]]:
@@ -262,7 +250,7 @@ def print_ops(new: dict[str, dict[str, float]], old: dict[str, dict[str, float]]
     """One row per phase and count, this tree next to the baseline with their ratio."""
     header = f"{'phase':<10}{'count':<42}{'this tree':>11}"
     print(header + (f"{'baseline':>11}{'ratio':>8}" if old else ""))
-    for phase in (*PHASES, "total", "compile"):
+    for phase in (*PHASES, "total"):
         keys = sorted(set(new.get(phase, {})) | set((old or {}).get(phase, {})))
         for key in keys:
             value = new.get(phase, {}).get(key, 0.0)
@@ -290,7 +278,7 @@ def measure_speed(args: argparse.Namespace, name: str, compiled: bool) -> dict[s
     """Samples/s of ``name`` through the Trainer (and peak memory on CUDA)."""
     model, multicrop = build(args, name)
     if compiled:
-        compile_nets(model, fullgraph=True)
+        compile_nets(model)
     batch = raw_batch(args.batch_size, tile_size(args))
     timer = StepTimer()
     if args.device == "cuda":
@@ -319,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-local", type=int, default=6)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--prototypes", type=int, default=65536)
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="speed")
     p.add_argument("--baseline", help="ops: git revision to count next to this tree")
     p.add_argument("--json", action="store_true", help="ops: print only the counts as JSON")
     return p
