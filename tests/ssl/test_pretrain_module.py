@@ -42,7 +42,8 @@ def _loader(n: int) -> DataLoader:
     return DataLoader(batches, batch_size=None)
 
 
-def _fit(model: L.LightningModule, n_batches: int = 2, **trainer: Any) -> L.Trainer:
+def _fit(model: L.LightningModule, n_batches: int | list = 2, **trainer: Any) -> L.Trainer:
+    """Fit one epoch over ``n_batches`` generated batches (or the given list of batches)."""
     trainer = L.Trainer(
         **{
             "max_epochs": 1,
@@ -55,7 +56,8 @@ def _fit(model: L.LightningModule, n_batches: int = 2, **trainer: Any) -> L.Trai
             **trainer,
         }
     )
-    trainer.fit(model, _loader(n_batches))
+    batches = n_batches if isinstance(n_batches, list) else None
+    trainer.fit(model, DataLoader(batches, batch_size=None) if batches else _loader(n_batches))
     return trainer
 
 
@@ -244,18 +246,7 @@ def test_centres_move_once_per_optimizer_step_like_one_big_batch() -> None:
         torch.manual_seed(0)
         model = TerraFMPretrainModule(**TINY)
         record = _CentreRecorder()
-
-        trainer = L.Trainer(
-            max_epochs=1,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            accumulate_grad_batches=accumulate,
-            callbacks=[record],
-        )
-        trainer.fit(model, DataLoader(batches, batch_size=None))
+        trainer = _fit(model, batches, accumulate_grad_batches=accumulate, callbacks=[record])
         assert trainer.global_step == 1
         centres[name] = (model.centering.center, model.centering.center_hf)
         if accumulate > 1:  # untouched after the first micro-batch
