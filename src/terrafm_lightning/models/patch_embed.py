@@ -73,8 +73,10 @@ class CrossModalFusion(nn.Module):
         slot_scores = torch.stack([t @ value_score for t in tokens], dim=-1)  # (B, N, M)
         weights = (attention * slot_scores[:, :, None, :]).sum(dim=-1).softmax(dim=-1)
         coefficients = (weights[..., None] * attention).sum(dim=2)  # (B, N, M)
-        # Dividing by the sum (1 up to rounding) makes a one-slot row exactly its value.
+        # Dividing by the sum (1 up to rounding) makes a one-slot row exactly its value (1 and 0
+        # stay exact in the tokens' dtype, e.g. bf16 under autocast).
         coefficients = coefficients / coefficients.sum(dim=-1, keepdim=True)
+        coefficients = coefficients.to(tokens[0].dtype)
         mixed = coefficients[..., 0, None] * tokens[0]
         for m in range(1, len(tokens)):
             mixed = mixed + coefficients[..., m, None] * tokens[m]
