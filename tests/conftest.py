@@ -91,7 +91,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_rank_script(script: str, out: Path, devices: int) -> None:
     """Run ``tests/scripts/<script> OUT DEVICES`` in a fresh interpreter (it spawns the ranks)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # This tree's src/ first, so a checkout whose venv installs another tree tests its own code.
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "scripts" / script), str(out), str(devices)],
         cwd=ROOT,

@@ -5,10 +5,13 @@ modality selection), ``presence`` is what a crop or view uses (a subset of ``ava
 (B, 3) bool masks in :data:`terrafm_lightning.modalities.MODALITIES` column order. The modality
 selection (``TerraFMDataModule(modalities=...)``) is applied once, in the CPU reader, so
 ``available`` never marks a modality outside it. ``docs/contracts.md`` describes the flow.
+:func:`require` checks mask values without a host synchronisation.
 """
 
+from collections.abc import Callable
 from typing import Required, TypedDict
 
+import torch
 from torch import Tensor
 
 #: modality key -> image tensor (B, C, H, W); keys are a subset of ``MODALITIES``.
@@ -59,16 +62,22 @@ class EncodedTileBatch(TileMetadata):
 
 
 class CropBatch(TileMetadata):
-    """Multi-crop training batch, made on the device by ``MultiCrop``."""
+    """Multi-crop training batch, made on the device by ``MultiCrop``; crops stay concatenated.
 
-    global_crops: list[ModalityImages]
-    """n_global views, modality -> (B, C, G, G) normalised float."""
-    local_crops: list[ModalityImages]
-    """n_local views, modality -> (B, C, L, L) normalised float."""
-    teacher_presence: list[Tensor]
-    """n_global (B, 3) bool: the teacher's modality draw per global crop."""
-    student_presence: list[Tensor]
-    """n_global + n_local (B, 3) bool: the student's draws, globals first."""
+    Every crop tensor and presence mask is crop-major: row ``k * B + b`` is crop ``k`` of tile
+    ``b``. Each crop dict holds every selected modality the tiles have (rows of a modality a
+    tile lacks are 0); ``presence`` says which of them each crop uses. Shapes depend only on the
+    batch size and crop settings, never on the draws.
+    """
+
+    global_crops: ModalityImages
+    """modality -> (n_global * B, C, G, G) normalised float."""
+    local_crops: ModalityImages
+    """modality -> (n_local * B, C, L, L) normalised float; empty without local crops."""
+    teacher_presence: Tensor
+    """(n_global * B, 3) bool: the teacher's modality draw per global crop."""
+    student_presence: Tensor
+    """((n_global + n_local) * B, 3) bool: the student's draws, global crops first."""
 
 
 class TileView(TileMetadata):
@@ -89,3 +98,16 @@ class EvalBatch(ModalityTensors, total=False):
     """
 
     label: Required[Tensor]
+
+
+def require(ok: Tensor, message: Callable[[], str]) -> None:
+    """Raise ``ValueError(message())`` unless every element of the bool tensor ``ok`` is True.
+
+    On CPU the check is immediate. On an accelerator it is a device-side assertion
+    (``torch._assert_async``): it costs no host synchronisation, and a violation still stops the
+    run, at the next synchronisation, with a device-side assert instead of this message.
+    """
+    try:
+        torch._assert_async(ok.all())
+    except RuntimeError:
+        raise ValueError(message()) from None

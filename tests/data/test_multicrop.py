@@ -67,22 +67,57 @@ def test_draw_modes_never_pick_missing_and_never_empty() -> None:
         draw_modalities(torch.tensor([[True, False, False], [False, False, False]]), "subset")
 
 
+def test_subset_draws_follow_the_rejection_loop_distribution() -> None:
+    # The paper's draw: keep each available modality with p, redraw while empty. The static draw
+    # must give every subset the same probability.
+    patterns = [[True, True, True], [False, True, True], [True, False, True], [False, False, True]]
+    rows = 20000
+    for p in (0.5, 0.3):
+        for pattern in patterns:
+            available = torch.tensor([pattern]).repeat(rows, 1)
+            drawn = draw_modalities(available, "subset", p)
+            reference = torch.zeros_like(available)
+            todo = torch.ones(rows, dtype=torch.bool)
+            while todo.any():
+                keep = (torch.rand(rows, 3) < p) & available
+                reference = torch.where(todo[:, None], keep, reference)
+                todo = ~reference.any(dim=1)
+            codes = torch.tensor([1, 2, 4])
+            hist = torch.bincount((drawn.long() * codes).sum(1), minlength=8).float() / rows
+            ref = torch.bincount((reference.long() * codes).sum(1), minlength=8).float() / rows
+            kept = torch.tensor(pattern).sum().item()
+            exact = torch.zeros(8)
+            for code in range(1, 8):
+                subset = torch.tensor([bool(code & c) for c in (1, 2, 4)])
+                if not (subset & ~torch.tensor(pattern)).any():
+                    size = subset.sum().item()
+                    exact[code] = p**size * (1 - p) ** (kept - size) / (1 - (1 - p) ** kept)
+            torch.testing.assert_close(hist, exact, atol=0.015, rtol=0)
+            torch.testing.assert_close(ref, exact, atol=0.015, rtol=0)
+    # p = 1 keeps every available modality.
+    available = torch.tensor(patterns)
+    assert torch.equal(draw_modalities(available, "subset", 1.0), available)
+    with pytest.raises(ValueError, match="unknown modality draw mode"):
+        draw_modalities(available, "most")
+
+
 def test_multicrop_shapes_presence_and_normalisation() -> None:
     batch = _batch()
     crop = MultiCrop(n_global=2, global_size=32, n_local=3, local_size=16)
     out = crop(batch)
-    assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3
-    assert len(out["teacher_presence"]) == 2 and len(out["student_presence"]) == 5
-    for crops, size in ((out["global_crops"], 32), (out["local_crops"], 16)):
-        for views in crops:
-            assert set(views) == set(MODALITIES)
-            for m, x in views.items():
-                assert x.shape == (4, len(BANDS[m]), size, size)
-                assert torch.isfinite(x).all()
-    for presence in out["teacher_presence"] + out["student_presence"]:
-        assert not (presence & ~batch["available"]).any() and presence.any(dim=1).all()
+    # Crops stay concatenated, crop-major: row k * B + b is crop k of tile b.
+    assert out["teacher_presence"].shape == (2 * 4, 3)
+    assert out["student_presence"].shape == (5 * 4, 3)
+    for crops, n, size in ((out["global_crops"], 2, 32), (out["local_crops"], 3, 16)):
+        assert set(crops) == set(MODALITIES)
+        for m, x in crops.items():
+            assert x.shape == (n * 4, len(BANDS[m]), size, size)
+            assert torch.isfinite(x).all()
+    for presence in (out["teacher_presence"], out["student_presence"]):
+        available = batch["available"].repeat(presence.shape[0] // 4, 1)
+        assert not (presence & ~available).any() and presence.any(dim=1).all()
     # Absent rows (nodata 0) stay 0 after normalisation; present ones are standardised.
-    assert (out["global_crops"][0]["s1"][0] == 0).all()
+    assert (out["global_crops"]["s1"][0] == 0).all() and (out["global_crops"]["s1"][4] == 0).all()
     normalised = crop.normalise(batch)["s2_l2a"]
     mean = torch.tensor(SSL4EO_STATS["s2_l2a"]["mean"]).view(1, -1, 1, 1)
     std = torch.tensor(SSL4EO_STATS["s2_l2a"]["std"]).view(1, -1, 1, 1)
@@ -96,7 +131,8 @@ def test_teacher_and_student_draw_independently() -> None:
     batch["available"][:] = True
     out = MultiCrop(global_size=16, n_local=0, draw_mode="subset")(batch)
     teacher, student = out["teacher_presence"], out["student_presence"]
-    assert not torch.equal(teacher[0], student[0]) and not torch.equal(teacher[1], student[1])
+    assert not torch.equal(teacher[:64], student[:64])
+    assert not torch.equal(teacher[64:], student[64:128])
 
 
 def test_store_stats_and_modality_restriction() -> None:
@@ -104,9 +140,9 @@ def test_store_stats_and_modality_restriction() -> None:
     stats = {"s2_l2a": {"mean": [1.0] * 12, "std": [2.0] * 12}}
     crop = MultiCrop(modalities=["s2_l2a"], global_size=16, n_local=0, stats=stats)
     out = crop(batch)
-    assert set(out["global_crops"][0]) == {"s2_l2a"}
-    for presence in out["teacher_presence"] + out["student_presence"]:
-        assert torch.equal(presence, torch.tensor([[False, False, True]] * 4))
+    assert set(out["global_crops"]) == {"s2_l2a"} and out["local_crops"] == {}
+    for presence in (out["teacher_presence"], out["student_presence"]):
+        assert torch.equal(presence, torch.tensor([[False, False, True]] * 8))
     torch.testing.assert_close(crop.normalise(batch)["s2_l2a"], (batch["s2_l2a"] - 1.0) / 2.0)
     whole = crop.whole_tiles(batch)
     assert whole["inputs"]["s2_l2a"].shape == (4, 12, 16, 16)
@@ -118,11 +154,17 @@ def test_flips_mirror_crops() -> None:
     batch = {m: torch.rand(1, len(BANDS[m]), 16, 16) + 1 for m in MODALITIES}
     batch["available"] = torch.ones(1, 3, dtype=torch.bool)
     common = {"global_size": 16, "global_scale": (1.0, 1.0), "ratio": (1.0, 1.0), "n_local": 0}
-    plain = MultiCrop(hflip=False, vflip=False, **common)(batch)["global_crops"][0]["s2_l2a"]
+
+    def first_crop(**flips: bool) -> torch.Tensor:
+        return MultiCrop(**flips, **common)(batch)["global_crops"]["s2_l2a"][:1]
+
+    plain = first_crop(hflip=False, vflip=False)
     torch.manual_seed(0)
-    flips = [
-        MultiCrop(hflip=True, vflip=False, **common)(batch)["global_crops"][0]["s2_l2a"]
-        for _ in range(16)
-    ]
+    flips = [first_crop(hflip=True, vflip=False) for _ in range(16)]
     assert any(torch.equal(f, plain) for f in flips)
     assert any(torch.equal(f, plain.flip(-1)) for f in flips)
+    # Both directions: every crop is one of the four mirrors, and each of them occurs.
+    mirrors = [plain, plain.flip(-1), plain.flip(-2), plain.flip(-1).flip(-2)]
+    both = [first_crop(hflip=True, vflip=True) for _ in range(24)]
+    seen = {next(i for i, m in enumerate(mirrors) if torch.equal(f, m)) for f in both}
+    assert seen == {0, 1, 2, 3}

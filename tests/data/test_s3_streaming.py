@@ -41,7 +41,7 @@ def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> N
                 compared += 1
     assert compared >= 4
     crops = dm.on_after_batch_transfer(batch, 0)
-    assert crops["global_crops"][0]["s1"].shape == (4, 2, 16, 16)
+    assert crops["global_crops"]["s1"].shape == (2 * 4, 2, 16, 16)
 
     with pytest.raises(StoreError, match="s3://bucket/missing.zarr"):
         TerraFMDataModule("s3://bucket/missing.zarr", storage_options=options)

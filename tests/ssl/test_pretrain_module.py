@@ -1,4 +1,4 @@
-"""TerraFMPretrainModule on hand-made contract batches: gradients, EMA, schedules, NaN stop."""
+"""TerraFMPretrainModule on hand-made contract batches: gradients, EMA, schedules, NaN, syncs."""
 
 from __future__ import annotations
 
@@ -7,11 +7,16 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 
+from terrafm_lightning.data.multicrop import MultiCrop
+from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.ssl import module as module_lib
+from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
-from tests.generators.batches import make_batch
+from tests.generators.batches import make_batch, take_samples
 
 TINY = {
     "backbone": "terrafm_tiny",
@@ -37,7 +42,8 @@ def _loader(n: int) -> DataLoader:
     return DataLoader(batches, batch_size=None)
 
 
-def _fit(model: L.LightningModule, n_batches: int = 2, **trainer: Any) -> L.Trainer:
+def _fit(model: L.LightningModule, n_batches: int | list = 2, **trainer: Any) -> L.Trainer:
+    """Fit one epoch over ``n_batches`` generated batches (or the given list of batches)."""
     trainer = L.Trainer(
         **{
             "max_epochs": 1,
@@ -50,7 +56,8 @@ def _fit(model: L.LightningModule, n_batches: int = 2, **trainer: Any) -> L.Trai
             **trainer,
         }
     )
-    trainer.fit(model, _loader(n_batches))
+    batches = n_batches if isinstance(n_batches, list) else None
+    trainer.fit(model, DataLoader(batches, batch_size=None) if batches else _loader(n_batches))
     return trainer
 
 
@@ -179,3 +186,120 @@ def test_dual_centering_needs_the_high_frequency_set() -> None:
         TerraFMPretrainModule(**{**TINY, "class_frequencies": {10: 0.7, 50: 0.3}})
     plain = TerraFMPretrainModule(**{**TINY, "centering": "dino", "high_frequency_classes": None})
     assert set(plain.centering.norms()) == {"center_norm"}
+
+
+class _CountHostReads(TorchDispatchMode):
+    """Counts the ops, called from Python, that read a device value back to the host."""
+
+    READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.item")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+        self.asserts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        bool_index = name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        )
+        if name.startswith(self.READS) or bool_index:
+            self.reads.append(str(func))
+        self.asserts += name == "aten._assert_async"
+        return func(*args, **(kwargs or {}))
+
+
+def test_step_components_read_nothing_back_to_the_host() -> None:
+    # Multi-crop with subset draws, both forwards, loss, centring, backward, fused AdamW and EMA.
+    tiles = {m: torch.rand(4, len(BANDS[m]), 64, 64) * 1000 + 1 for m in MODALITIES}
+    tiles["available"] = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 0, 1], [0, 0, 1]]).bool()
+    tiles["dominant_class"] = torch.tensor([10, 30, 50, 95])
+    multicrop = MultiCrop(global_size=32, n_local=2, local_size=16)
+    model = TerraFMPretrainModule(**TINY)
+    optimizer = torch.optim.AdamW(model.student.parameters(), fused=True)
+    with _CountHostReads() as counter:
+        batch = multicrop(tiles)
+        out = model._loss(batch, teacher_temp=0.04)
+        model.centering.accumulate(out["teacher"], batch["dominant_class"])
+        out["loss"].backward()
+        optimizer.step()
+        ema_update(model.teacher, model.student, 0.996)
+        model.centering.step()
+    assert counter.reads == []
+    # Mask checks are device-side assertions: the draw, and one per backbone call.
+    assert counter.asserts == 4
+
+
+class _CentreRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.centres: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.centres.append(pl_module.centering.center.clone())
+
+
+def test_centres_move_once_per_optimizer_step_like_one_big_batch() -> None:
+    whole = make_batch(8, generator=torch.Generator().manual_seed(3))
+    halves = [take_samples(whole, slice(0, 4)), take_samples(whole, slice(4, 8))]
+    centres = {}
+    for name, batches, accumulate in (("whole", [whole], 1), ("halves", halves, 2)):
+        torch.manual_seed(0)
+        model = TerraFMPretrainModule(**TINY)
+        record = _CentreRecorder()
+        trainer = _fit(model, batches, accumulate_grad_batches=accumulate, callbacks=[record])
+        assert trainer.global_step == 1
+        centres[name] = (model.centering.center, model.centering.center_hf)
+        if accumulate > 1:  # untouched after the first micro-batch
+            assert torch.equal(record.centres[0], torch.zeros_like(record.centres[0]))
+    assert centres["whole"][0].abs().sum() > 0 and centres["whole"][1].abs().sum() > 0
+    for got, expected in zip(centres["halves"], centres["whole"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_is_reported_before_any_checkpoint(tmp_path) -> None:
+    model = TerraFMPretrainModule(**TINY)
+    with torch.no_grad():
+        model.student.head.mlp[0].bias.fill_(float("nan"))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    message = r"non-finite DINO loss \(nan\) at optimizer step 0"
+    with pytest.raises(FloatingPointError, match=message):
+        _fit(model, 3, log_every_n_steps=5, enable_checkpointing=True, callbacks=[checkpoints])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_student_and_teacher_compile_without_graph_breaks() -> None:
+    model = TerraFMPretrainModule(**TINY)
+    batch = make_batch()
+    torch.manual_seed(0)
+    eager = model._loss(batch, teacher_temp=0.04)["loss"]
+    for net in (model.student, model.teacher):
+        for part in (net.backbone, net.head):
+            part.compile(fullgraph=True, dynamic=False, backend="aot_eager")
+    torch.manual_seed(0)
+    compiled = model._loss(batch, teacher_temp=0.04)["loss"]
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    assert model.student.backbone.patch_embed.fusion.queries.grad.abs().sum() > 0
+
+
+def test_stems_without_crops_still_take_part_with_zero_gradient() -> None:
+    # DDP without find_unused_parameters needs a gradient, even a zero one, for every parameter.
+    model = TerraFMPretrainModule(**TINY)
+    embed = model.student.backbone.patch_embed
+    for kept in (("s2_l1c", "s2_l2a"), ("s2_l2a",)):
+        batch = make_batch()
+        for crops in (batch["global_crops"], batch["local_crops"]):
+            for m in set(crops) - set(kept):
+                del crops[m]
+        for key in ("teacher_presence", "student_presence"):
+            batch[key] = torch.zeros_like(batch[key])
+            batch[key][:, [MODALITIES.index(m) for m in kept]] = True
+        model.zero_grad(set_to_none=True)
+        model._loss(batch, teacher_temp=0.04)["loss"].backward()
+        unused = embed.unused_parameters(kept)
+        ids = {id(p) for p in unused}
+        assert id(embed.conv2d_s1.weight) in ids
+        assert (id(embed.fusion.queries) in ids) == (len(kept) == 1)
+        assert all(p.grad is not None and not p.grad.any() for p in unused)
+        assert embed.conv2d_s2_l2a.weight.grad.abs().sum() > 0

@@ -3,7 +3,10 @@
 Runs after the batch reaches the device (``on_after_batch_transfer``), so CPU workers only read and
 decode whole tiles. Crops are cut with :func:`torchvision.ops.roi_align` (``aligned=True``,
 adaptive sampling ratio), one call per modality and crop size for the whole batch; its averaging
-of several bilinear samples per output pixel anti-aliases the downscaling of large boxes.
+of several bilinear samples per output pixel anti-aliases the downscaling of large boxes. Crops
+stay concatenated (one tensor per modality and crop size) and every step has the same shapes and
+no host synchronisation: the modality draws sample each crop's subset directly from its exact
+distribution instead of redrawing empty ones (written here: no library draws masked subsets).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from terrafm_lightning.batch import CropBatch, ModalityImages, TileView, require
 from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, check_modality
 
 DrawMode = Literal["all", "one", "subset"]
@@ -59,36 +63,61 @@ def crop_resize(images: Tensor, boxes: Tensor, size: int) -> Tensor:
     return roi_align(images, rois, output_size=size, sampling_ratio=-1, aligned=True)
 
 
+def _subset_bits(device: torch.device) -> Tensor:
+    """(7, 3) bool: the non-empty modality subsets; row ``k`` is the bit pattern of ``k + 1``."""
+    codes = torch.arange(1, 2 ** len(MODALITIES), device=device)
+    return (codes[:, None] >> torch.arange(len(MODALITIES), device=device)) & 1 == 1
+
+
 def draw_modalities(available: Tensor, mode: DrawMode, probability: float = 0.5) -> Tensor:
-    """Per-sample modality draw for one crop, never a modality the sample lacks, never empty.
+    """Per-row modality draw, never a modality the row lacks, never empty; no host sync.
+
+    Each row draws one of the 7 non-empty subsets with its exact probability under ``mode``,
+    by inverse-CDF sampling (one uniform per row), so shapes are static and nothing is redrawn:
+
+    - ``"all"``: the available subset.
+    - ``"one"``: one available modality, uniform.
+    - ``"subset"``: each available modality kept with ``probability``, conditioned on at least
+      one kept: P(S) = p^|S| (1 - p)^(|A| - |S|) / (1 - (1 - p)^|A|) for S a non-empty subset
+      of the available set A -- the distribution of the paper's rejection loop.
 
     Args:
-        available: (B, 3) bool, the modalities each sample has (and the model may use).
-        mode: ``"all"`` every available modality; ``"one"`` exactly one, uniform over the
-            available ones; ``"subset"`` each available one kept with ``probability``, rows left
-            empty are redrawn (rejection sampling: exact conditional on non-empty).
+        available: (R, 3) bool, the modalities each row has (and the model may use).
+        mode: ``"all"``, ``"one"`` or ``"subset"``.
         probability: keep probability in ``"subset"`` mode.
 
     Returns:
-        (B, 3) bool presence mask.
+        (R, 3) bool presence mask.
+
+    Raises:
+        ValueError: a row has no available modality (at once on CPU; on an accelerator the
+            check is a device-side assertion, so it costs no synchronisation).
     """
-    if not bool(available.any(dim=1).all()):
-        missing = torch.nonzero(~available.any(dim=1)).flatten().tolist()
-        raise ValueError(f"batch rows {missing} have no available modality to draw from")
-    if mode == "all":
-        return available.clone()
-    if mode == "one":
-        choice = torch.multinomial(available.float(), 1)
-        return torch.zeros_like(available).scatter_(1, choice, True)
-    if mode != "subset":
+    if mode not in ("all", "one", "subset"):
         raise ValueError(f"unknown modality draw mode {mode!r}; expected all, one or subset")
-    drawn = torch.zeros_like(available)
-    empty = torch.ones(available.shape[0], dtype=torch.bool, device=available.device)
-    while bool(empty.any()):
-        keep = (torch.rand(available.shape, device=available.device) < probability) & available
-        drawn = torch.where(empty[:, None], keep, drawn)
-        empty = ~drawn.any(dim=1)
-    return drawn
+    usable = available.any(dim=1)
+    require(
+        usable,
+        lambda: (
+            f"batch rows {torch.nonzero(~usable).flatten().tolist()} have no available "
+            "modality to draw from"
+        ),
+    )
+    subsets = _subset_bits(available.device)[None]  # (1, 7, 3)
+    have = available[:, None, :]  # (R, 1, 3)
+    inside = (subsets <= have).all(dim=-1)  # (R, 7): subset of the available set
+    if mode == "all":
+        weights = (subsets == have).all(dim=-1).float()
+    elif mode == "one":
+        weights = (inside & (subsets.sum(dim=-1) == 1)).float()
+    else:
+        # Modalities a row lacks contribute a factor 1 (never drawn, never a choice).
+        factor = torch.where(subsets, probability, torch.where(have, 1.0 - probability, 1.0))
+        weights = torch.where(inside, factor.prod(dim=-1), 0.0)
+    cdf = weights.cumsum(dim=1)
+    u = torch.rand(available.shape[0], 1, device=available.device) * cdf[:, -1:]
+    choice = (cdf <= u).sum(dim=1).clamp_max(subsets.shape[1] - 1)
+    return subsets[0, choice]
 
 
 class MultiCrop(nn.Module):
@@ -157,8 +186,9 @@ class MultiCrop(nn.Module):
             std = torch.tensor(source["std"], dtype=torch.float32)
             if mean.numel() != len(BANDS[m]) or std.numel() != len(BANDS[m]) or (std <= 0).any():
                 raise ValueError(f"{m}: need {len(BANDS[m])} means and positive stds")
-            self.register_buffer(f"mean_{m}", mean.view(1, -1, 1, 1), persistent=False)
-            self.register_buffer(f"std_{m}", std.view(1, -1, 1, 1), persistent=False)
+            # z = (x - mean) / std as one multiply-add: z = x * scale + shift.
+            self.register_buffer(f"scale_{m}", (1 / std).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer(f"shift_{m}", (-mean / std).view(1, -1, 1, 1), persistent=False)
 
     def normalise(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Normalise whole tiles; nodata (0 after the workers' replacement) maps to 0.
@@ -170,7 +200,7 @@ class MultiCrop(nn.Module):
         for m in self.modalities:
             if m in batch:
                 x = batch[m].float()
-                z = (x - getattr(self, f"mean_{m}")) / getattr(self, f"std_{m}")
+                z = torch.addcmul(getattr(self, f"shift_{m}"), x, getattr(self, f"scale_{m}"))
                 out[m] = torch.where(x == 0, 0.0, z)
         if not out:
             raise ValueError(f"batch holds none of the modalities {list(self.modalities)}")
@@ -178,46 +208,51 @@ class MultiCrop(nn.Module):
 
     def _crops(
         self, tiles: dict[str, Tensor], n: int, size: int, scale: tuple[float, float]
-    ) -> list[dict[str, Tensor]]:
+    ) -> ModalityImages:
+        """``n`` crops of every tile, modality -> (n * B, C, size, size), crop-major."""
         reference = next(iter(tiles.values()))
         batch, _, height, width = reference.shape
-        boxes = random_resized_boxes(n * batch, height, width, scale, self.ratio, reference.device)
-        flips = [
-            torch.rand(n * batch, device=reference.device) < 0.5 if enabled else None
-            for enabled in (self.hflip, self.vflip)
-        ]
-        crops: list[dict[str, Tensor]] = [{} for _ in range(n)]
-        for m, x in tiles.items():
-            out = crop_resize(x, boxes, size)
-            for flip, dim in zip(flips, (-1, -2), strict=True):
-                if flip is not None:
-                    out = torch.where(flip[:, None, None, None], out.flip(dim), out)
-            for k, chunk in enumerate(out.split(batch)):
-                crops[k][m] = chunk
+        device = reference.device
+        boxes = random_resized_boxes(n * batch, height, width, scale, self.ratio, device)
+        crops = {m: crop_resize(x, boxes, size) for m, x in tiles.items()}
+        if not (self.hflip or self.vflip):
+            return crops
+        # Flips as one gather per crop tensor: each row reads its pixels in (possibly mirrored)
+        # order, instead of a flipped copy plus a select per direction.
+        pixels = torch.arange(size, device=device)
+        rows, cols = (
+            torch.where(torch.rand(n * batch, 1, device=device) < 0.5, size - 1 - pixels, pixels)
+            if enabled
+            else pixels.expand(n * batch, size)
+            for enabled in (self.vflip, self.hflip)
+        )
+        order = (rows[:, :, None] * size + cols[:, None, :]).flatten(1)
+        for m, out in crops.items():
+            index = order[:, None, :].expand(-1, out.shape[1], -1)
+            crops[m] = out.flatten(2).gather(2, index).view_as(out)
         return crops
 
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
-        """Multi-crop a CPU-layout batch (see ``docs/contracts.md``)."""
+    def forward(self, batch: Mapping[str, Tensor]) -> CropBatch:
+        """Multi-crop a CPU-layout batch (see ``docs/contracts.md``) without host syncs."""
         tiles = self.normalise(batch)
         usable = batch["available"].bool() & self.modality_mask
-        out: dict[str, object] = {
+        n_teacher, n_student = self.n_global, self.n_global + self.n_local
+        # One draw for every crop of the teacher and the student, each row independent.
+        presence = draw_modalities(
+            usable.repeat(n_teacher + n_student, 1), self.draw_mode, self.draw_probability
+        )
+        out: CropBatch = {
             "global_crops": self._crops(tiles, self.n_global, self.global_size, self.global_scale),
             "local_crops": self._crops(tiles, self.n_local, self.local_size, self.local_scale)
             if self.n_local
-            else [],
-            "teacher_presence": [
-                draw_modalities(usable, self.draw_mode, self.draw_probability)
-                for _ in range(self.n_global)
-            ],
-            "student_presence": [
-                draw_modalities(usable, self.draw_mode, self.draw_probability)
-                for _ in range(self.n_global + self.n_local)
-            ],
+            else {},
+            "teacher_presence": presence[: n_teacher * usable.shape[0]],
+            "student_presence": presence[n_teacher * usable.shape[0] :],
         }
         out.update({key: batch[key] for key in PASSTHROUGH_KEYS if key in batch})
         return out
 
-    def whole_tiles(self, batch: Mapping[str, Tensor]) -> dict[str, object]:
+    def whole_tiles(self, batch: Mapping[str, Tensor]) -> TileView:
         """Evaluation view: whole tiles normalised and resized to the global size, all modalities.
 
         Returns:
@@ -228,7 +263,7 @@ class MultiCrop(nn.Module):
         batch_size, _, height, width = reference.shape
         box = torch.tensor([[0.0, 0.0, width, height]], device=reference.device)
         boxes = box.expand(batch_size, 4)
-        out: dict[str, object] = {
+        out: TileView = {
             "inputs": {m: crop_resize(x, boxes, self.global_size) for m, x in tiles.items()},
             "presence": batch["available"].bool() & self.modality_mask,
         }

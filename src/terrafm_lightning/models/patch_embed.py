@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +39,12 @@ class CrossModalFusion(nn.Module):
     Keys are a (pretraining-only) linear map of the stem tokens, values are ``proj1`` of them;
     a learned vector ``score`` (p_r) weights the query outputs. With one modality every query
     output equals the value, so the result is the single-modality path.
+
+    Computed without keys, per-slot values or query outputs, by linearity (no bias in ``key``
+    or ``proj1``): the score of query q on slot m is ``t_m . (q W_k)``; the query output
+    ``o_q = sum_m a_qm v_m`` scores ``sum_m a_qm (t_m . W_v^T p_r)``; and the result
+    ``sum_q w_q o_q = W_v (sum_m c_m t_m)`` with ``c_m = sum_q w_q a_qm``. So each slot costs
+    two skinny products and ``proj1`` runs once on the mixed tokens, not once per slot.
     """
 
     def __init__(self, stem_dim: int, num_queries: int = 5) -> None:
@@ -47,23 +55,32 @@ class CrossModalFusion(nn.Module):
         nn.init.trunc_normal_(self.queries, std=0.02)
         nn.init.trunc_normal_(self.score, std=0.02)
 
-    def forward(self, tokens: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, tokens: list[Tensor], mask: Tensor, value: nn.Linear) -> Tensor:
         """Fuse modality tokens.
 
         Args:
-            tokens: stem tokens, (B, M, N, D).
-            values: ``proj1(tokens)``, (B, M, N, D).
-            mask: (B, M) bool, True where the modality is present (at least one per row).
+            tokens: per modality slot, finite stem tokens (B, N, D).
+            mask: (B, M) bool, True where slot ``m`` is present (at least one per row).
+            value: the value projection (``proj1``, no bias).
 
         Returns:
-            Fused values, (B, N, D).
+            Fused values (B, N, D); a row with one present slot gets exactly that slot's value.
         """
-        keys = self.key(tokens)
-        scores = torch.einsum("bmnd,qd->bnqm", keys, self.queries) * keys.shape[-1] ** -0.5
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        outputs = torch.einsum("bnqm,bmnd->bnqd", scores.softmax(dim=-1), values)
-        weights = (outputs @ self.score).softmax(dim=-1)
-        return torch.einsum("bnq,bnqd->bnd", weights, outputs)
+        query_keys = self.queries @ self.key.weight * tokens[0].shape[-1] ** -0.5  # (Q, D)
+        value_score = self.score @ value.weight  # (D,)
+        logits = torch.stack([t @ query_keys.T for t in tokens], dim=-1)  # (B, N, Q, M)
+        attention = logits.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(dim=-1)
+        slot_scores = torch.stack([t @ value_score for t in tokens], dim=-1)  # (B, N, M)
+        weights = (attention * slot_scores[:, :, None, :]).sum(dim=-1).softmax(dim=-1)
+        coefficients = (weights[..., None] * attention).sum(dim=2)  # (B, N, M)
+        # Dividing by the sum (1 up to rounding) makes a one-slot row exactly its value (1 and 0
+        # stay exact in the tokens' dtype, e.g. bf16 under autocast).
+        coefficients = coefficients / coefficients.sum(dim=-1, keepdim=True)
+        coefficients = coefficients.to(tokens[0].dtype)
+        mixed = coefficients[..., 0, None] * tokens[0]
+        for m in range(1, len(tokens)):
+            mixed = mixed + coefficients[..., m, None] * tokens[m]
+        return value(mixed)
 
 
 class ModalityPatchEmbed(nn.Module):
@@ -98,44 +115,40 @@ class ModalityPatchEmbed(nn.Module):
         tokens = getattr(self, f"conv2d_{modality}")(x).flatten(2).transpose(1, 2)
         return tokens + getattr(self, f"{modality}_embed")
 
+    def unused_parameters(self, names: Iterable[str]) -> list[nn.Parameter]:
+        """Parameters that a forward on the modalities ``names`` does not reach.
+
+        The stems of the other modalities, and the fusion when only one modality is given.
+        """
+        given = [m for m in self.modalities if m in set(names)]
+        params = [
+            p
+            for m in self.modalities
+            if m not in given
+            for p in (*getattr(self, f"conv2d_{m}").parameters(), getattr(self, f"{m}_embed"))
+        ]
+        return params + list(self.fusion.parameters()) if len(given) == 1 else params
+
     def forward(self, inputs: dict[str, Tensor], presence: Tensor) -> Tensor:
         """Embed a batch whose samples may carry different modality subsets.
 
+        Every row of every given modality goes through its stem (static shapes, no host sync);
+        rows absent per ``presence`` are zeroed first and get weight 0 in the fusion, so what
+        they hold (even NaN) never reaches the result, and every stem takes part in each step.
+
         Args:
-            inputs: modality -> (B, C, H, W); rows absent per ``presence`` are never computed.
+            inputs: modality -> (B, C, H, W).
             presence: (B, len(MODALITIES)) bool, already validated against ``inputs``.
 
         Returns:
             Patch tokens, (B, H/16 * W/16, embed_dim).
         """
         names = [m for m in self.modalities if m in inputs]
-        cols = [MODALITIES.index(m) for m in names]
-        mask = presence[:, cols]
-        batch = mask.shape[0]
-        if bool(mask.all()) and len(names) == 1:
+        if len(names) == 1:
             return self.projection(self.stem(names[0], inputs[names[0]]))
-
-        first = inputs[names[0]]
-        n_tokens = (first.shape[-2] // self.patch_size) * (first.shape[-1] // self.patch_size)
-        tokens, values = None, None
-        for j, m in enumerate(names):
-            rows = mask[:, j].nonzero().squeeze(1)
-            if not rows.numel():
-                continue
-            t = self.stem(m, inputs[m].index_select(0, rows))
-            v = self.projection.proj1(t)
-            if tokens is None:
-                tokens = t.new_zeros(batch, len(names), n_tokens, self.stem_dim)
-                values = v.new_zeros(batch, len(names), n_tokens, self.stem_dim)
-            tokens[rows, j] = t
-            values[rows, j] = v
-        # Absent slots hold zeros, so a sum over modalities is exactly the value of a
-        # single-modality sample.
-        fused = values.sum(dim=1)
-        multi = mask.sum(dim=1) > 1
-        if bool(multi.any()):
-            rows = multi.nonzero().squeeze(1)
-            fused = fused.index_copy(
-                0, rows, self.fusion(tokens[rows], values[rows], mask[rows]).to(fused.dtype)
-            )
-        return self.projection.head(fused)
+        mask = torch.stack([presence[:, MODALITIES.index(m)] for m in names], dim=1)
+        tokens = [
+            self.stem(m, torch.where(mask[:, j, None, None, None], inputs[m], 0.0))
+            for j, m in enumerate(names)
+        ]
+        return self.projection.head(self.fusion(tokens, mask, self.projection.proj1))

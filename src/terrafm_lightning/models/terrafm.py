@@ -15,6 +15,7 @@ from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from terrafm_lightning.batch import require
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models.patch_embed import ModalityPatchEmbed
 
@@ -119,23 +120,33 @@ class TerraFM(nn.Module):
                     f"modalities' {shape}"
                 )
             shape = (x.shape[0], h, w)
-        given = torch.tensor([m in inputs for m in MODALITIES])
+        device = next(iter(inputs.values())).device
         if presence is None:
-            return given.to(next(iter(inputs.values())).device).expand(shape[0], -1)
+            columns = [torch.full((shape[0],), m in inputs, device=device) for m in MODALITIES]
+            return torch.stack(columns, dim=1)
         if presence.shape != (shape[0], len(MODALITIES)) or presence.dtype != torch.bool:
             raise ValueError(
                 f"presence mask must be bool of shape ({shape[0]}, {len(MODALITIES)}) with "
                 f"columns {list(MODALITIES)}; got {presence.dtype} {tuple(presence.shape)}"
             )
-        missing = presence.any(dim=0).cpu() & ~given
-        if missing.any():
-            names = [m for m, bad in zip(MODALITIES, missing, strict=True) if bad]
-            raise ValueError(f"presence mask marks {names} present but inputs lack them")
-        empty = ~presence.any(dim=1)
-        if empty.any():
-            raise ValueError(
-                f"presence mask has no modality for samples {empty.nonzero().flatten().tolist()}"
-            )
+        # Value checks without a host sync (see ``require``): static shapes, compilable.
+        lacking = [m for m in MODALITIES if m not in inputs]
+        if lacking:
+            marked = torch.stack([presence[:, MODALITIES.index(m)].any() for m in lacking])
+
+            def message() -> str:
+                names = [m for m, bad in zip(lacking, marked.tolist(), strict=True) if bad]
+                return f"presence mask marks {names} present but inputs lack them"
+
+            require(~marked, message)
+        used = presence.any(dim=1)
+        require(
+            used,
+            lambda: (
+                "presence mask has no modality for samples "
+                f"{torch.nonzero(~used).flatten().tolist()}"
+            ),
+        )
         return presence
 
     def interpolate_pos_encoding(self, h: int, w: int) -> Tensor:

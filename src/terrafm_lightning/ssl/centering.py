@@ -19,6 +19,11 @@ def _all_reduce_sum(x: Tensor) -> Tensor:
 class Centering(nn.Module):
     """DINO centring: subtract ``c``, an EMA of the teacher's mean output over the global batch.
 
+    The EMA takes one step per optimizer step: :meth:`accumulate` adds each micro-batch's sums
+    and counts, :meth:`step` all-reduces them and moves the centre(s), so gradient accumulation
+    gives the centres of one big batch. Sums, counts and updates stay on the device (no host
+    sync).
+
     Args:
         dim: K, the teacher output width.
         momentum: EMA momentum of the centre (0.9 in DINO).
@@ -28,6 +33,10 @@ class Centering(nn.Module):
         super().__init__()
         self.momentum = momentum
         self.register_buffer("center", torch.zeros(1, dim))
+        # Sums and counts of this process's micro-batches since the last step, in ``_sums``
+        # layout. Not a buffer: DDP broadcasts buffers from rank 0 at every forward.
+        self.pending: Tensor | None = None
+        self._part_sizes: list[int] = []
 
     def forward(self, logits: Tensor) -> Tensor:
         """Centred logits ``logits - c`` (any leading shape, last dim K)."""
@@ -36,19 +45,35 @@ class Centering(nn.Module):
     def _sums(self, logits: Tensor, dominant_class: Tensor) -> list[Tensor]:
         """Per-process sums and counts to all-reduce: ``[sum over samples, count]``."""
         flat = logits.reshape(-1, logits.shape[-1]).float()
-        return [flat.sum(0), flat.new_tensor([flat.shape[0]])]
+        count = torch.full((1,), flat.shape[0], dtype=flat.dtype, device=flat.device)
+        return [flat.sum(0), count]
 
     @torch.no_grad()
-    def update(self, logits: Tensor, dominant_class: Tensor) -> None:
-        """Update the centre(s) from raw teacher logits of the whole global batch.
+    def accumulate(self, logits: Tensor, dominant_class: Tensor) -> None:
+        """Add one (micro-)batch of raw teacher logits to the pending sums.
 
         Args:
             logits: (n_global, B, K) raw teacher head outputs of this process.
             dominant_class: (B,) WorldCover code of each sample's dominant class.
         """
         parts = self._sums(logits, dominant_class)
-        reduced = _all_reduce_sum(torch.cat(parts)).split([p.numel() for p in parts])
-        self._apply_update(*reduced)
+        self._part_sizes = [p.numel() for p in parts]
+        sums = torch.cat(parts)
+        self.pending = sums if self.pending is None else self.pending + sums
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the centre(s) from the pending sums of all processes, then clear them."""
+        if self.pending is None:
+            raise RuntimeError("Centering.step without accumulated teacher logits")
+        reduced, self.pending = _all_reduce_sum(self.pending), None
+        self._apply_update(*reduced.split(self._part_sizes))
+
+    @torch.no_grad()
+    def update(self, logits: Tensor, dominant_class: Tensor) -> None:
+        """Update the centre(s) from one global batch: :meth:`accumulate` then :meth:`step`."""
+        self.accumulate(logits, dominant_class)
+        self.step()
 
     def _apply_update(self, total: Tensor, count: Tensor) -> None:
         self.center.mul_(self.momentum).add_(total / count, alpha=1.0 - self.momentum)
@@ -98,12 +123,13 @@ class DualCentering(Centering):
         return torch.isin(dominant_class, self.hf_classes.to(dominant_class.device))
 
     def _sums(self, logits: Tensor, dominant_class: Tensor) -> list[Tensor]:
-        hf = self.high_frequency(dominant_class)
-        hf_logits = logits[:, hf].reshape(-1, logits.shape[-1]).float()
+        # A 0/1 weight per sample instead of boolean-mask indexing (a host sync on a GPU).
+        hf = self.high_frequency(dominant_class).to(torch.float32)
+        weighted = logits.float() * hf[None, :, None]
         return [
             *super()._sums(logits, dominant_class),
-            hf_logits.sum(0),
-            logits.new_tensor([hf_logits.shape[0]], dtype=torch.float32),
+            weighted.sum(dim=(0, 1)),
+            (hf.sum() * logits.shape[0]).reshape(1),
         ]
 
     def _apply_update(

@@ -11,13 +11,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """``teacher = momentum * teacher + (1 - momentum) * student`` over all parameters.
 
     Both modules must have the same architecture (and the same sharding under FSDP), so their
-    parameter lists align.
+    parameter lists align. One fused ``lerp`` over all tensors, no copies.
     """
     t_params = list(teacher.parameters())
-    s_params = [p.detach() for p in student.parameters()]
+    s_params = list(student.parameters())
     if len(t_params) != len(s_params):
         raise ValueError(
             f"teacher has {len(t_params)} parameters, student {len(s_params)}: not the same model"
         )
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)

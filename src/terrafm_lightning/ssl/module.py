@@ -13,7 +13,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
-from terrafm_lightning.modalities import BANDS
+from terrafm_lightning.batch import CropBatch
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.models.terrafm import layer_group_matcher
 from terrafm_lightning.ssl.centering import Centering, DualCentering
@@ -34,25 +34,6 @@ class StudentTeacher(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Timm layer groups: stem, one per block (final norm with the last), head on top."""
         return layer_group_matcher("backbone.")
-
-
-def _concat_views(
-    views: list[dict[str, Tensor]], presences: list[Tensor]
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Stack same-size crops along the batch so one backbone call embeds them all.
-
-    A modality missing from one crop's dict is filled with zeros (its presence is False there).
-    """
-    names = sorted({m for view in views for m in view})
-    ref = next(iter(views[0].values()))
-    batch, size = ref.shape[0], ref.shape[-2:]
-    inputs = {
-        m: torch.cat(
-            [v[m] if m in v else ref.new_zeros(batch, len(BANDS[m]), *size) for v in views]
-        )
-        for m in names
-    }
-    return inputs, torch.cat(presences)
 
 
 class TerraFMPretrainModule(L.LightningModule):
@@ -163,6 +144,8 @@ class TerraFMPretrainModule(L.LightningModule):
         self._schedules: dict[str, WarmupCosine] = {}
         self._freeze_last_layer_steps = 0
         self._last_step_time: float | None = None
+        self._non_finite: tuple[Tensor, Tensor] | None = None
+        self._high_frequency: Tensor | None = None
 
     # ----------------------------------------------------------------------------- setup
     def configure_model(self) -> None:
@@ -217,8 +200,19 @@ class TerraFMPretrainModule(L.LightningModule):
         return groups
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``."""
-        return torch.optim.AdamW(self._param_groups(), lr=self.hparams.lr, weight_decay=0.0)
+        """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``.
+
+        Fused (one kernel for all parameters) on CUDA and CPU.
+        """
+        fused = self.device.type in ("cuda", "cpu")
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=self.hparams.lr, weight_decay=0.0, fused=fused
+        )
+        # A fused AdamW claims to unscale AMP gradients itself, so Lightning refuses to clip them
+        # (Lightning-AI/pytorch-lightning#21435). Unclaimed, a GradScaler unscales first as for
+        # the unfused path (bf16 has no scaler at all), so clipping sees true gradients.
+        optimizer._step_supports_amp_scaling = False
+        return optimizer
 
     def on_fit_start(self) -> None:
         """Build the per-step schedules from the trainer's step counts."""
@@ -269,73 +263,114 @@ class TerraFMPretrainModule(L.LightningModule):
             torch.manual_seed(zlib.crc32(key.encode()))
         return batch
 
-    def _student_teacher_logits(
-        self,
-        batch: dict[str, Any],
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw student logits (n_crops, B, K), teacher logits (n_global, B, K), student CLS."""
-        n_global = len(batch["global_crops"])
+    def _student_teacher_logits(self, batch: CropBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw student logits (n_crops, B, K), teacher logits (n_global, B, K), student CLS.
+
+        Three backbone calls on the concatenated crops: the teacher's and the student's on the
+        global crops, the student's on the local ones.
+        """
         batch_size = batch["dominant_class"].shape[0]
+        n_global = batch["teacher_presence"].shape[0]
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+        presence = batch["student_presence"]
         with torch.no_grad():
-            inputs, presence = _concat_views(batch["global_crops"], batch["teacher_presence"])
-            teacher = self.teacher.head(self.teacher.backbone(inputs, presence))
-        feats = [
-            self.student.backbone(*_concat_views(crops, presences))
-            for crops, presences in (
-                (batch["global_crops"], batch["student_presence"][:n_global]),
-                (batch["local_crops"], batch["student_presence"][n_global:]),
+            teacher = self.teacher.head(
+                self.teacher.backbone(global_crops, batch["teacher_presence"])
             )
-            if crops
-        ]
-        cls = torch.cat(feats)
+        feats = [self.student.backbone(global_crops, presence[:n_global])]
+        if local_crops:
+            feats.append(self.student.backbone(local_crops, presence[n_global:]))
+        cls = torch.cat(feats) if len(feats) > 1 else feats[0]
         student = self.student.head(cls)
         return (
             student.view(-1, batch_size, student.shape[-1]),
-            teacher.view(n_global, batch_size, -1),
-            cls[: n_global * batch_size],
+            teacher.view(-1, batch_size, teacher.shape[-1]),
+            cls[:n_global],
         )
 
-    def _loss(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, Tensor]:
+    def _loss(self, batch: CropBatch, teacher_temp: float) -> dict[str, Tensor]:
         student, teacher, cls = self._student_teacher_logits(batch)
         teacher_probs = torch.softmax(self.centering(teacher.float()) / teacher_temp, dim=-1)
         loss = dino_loss(student, teacher_probs, self.hparams.student_temp)
+        # Stems of modalities the crops lack (and the fusion, with one modality) still take
+        # part, with weight 0, so DDP runs without find_unused_parameters.
+        unused = self.student.backbone.patch_embed.unused_parameters(batch["global_crops"])
+        if unused:
+            loss = loss + 0.0 * sum(p.sum() for p in unused)
         entropy = -(teacher_probs * torch.log(teacher_probs.clamp_min(1e-12))).sum(-1).mean()
         feature_std = torch.nn.functional.normalize(cls.detach().float(), dim=-1).std(0).mean()
         return {"loss": loss, "teacher": teacher, "entropy": entropy, "feature_std": feature_std}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """DINO loss of one (micro-)batch; updates the centres; stops on a non-finite loss."""
+    def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:
+        """DINO loss of one (micro-)batch; accumulates the centre sums; no host sync.
+
+        Logged values are device tensors or CPU scalars (no host-to-device copies). A
+        non-finite loss is recorded on the device and raised by :meth:`_check_finite`.
+        """
         step = self.trainer.global_step
         values = self.schedule_values(step)
         out = self._loss(batch, values["teacher_temp"])
         loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite DINO loss ({loss.item()}) at optimizer step {step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}): stopping; lower the lr or "
-                "check the input batch"
-            )
-        dominant = batch["dominant_class"]
-        self.centering.update(out["teacher"], dominant)
+        self._record_non_finite(loss, step)
+        dominant, size = batch["dominant_class"], batch["dominant_class"].shape[0]
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.is_last_batch:
+            # The progress bar turns its values into numbers after every batch, so it gets the
+            # loss read here, with the finite check, as a CPU number.
+            value = torch.tensor(self._check_finite(loss))
+            self.log("loss", value, prog_bar=True, logger=False, batch_size=size)
+        self.centering.accumulate(out["teacher"], dominant)
         now = time.perf_counter()
         logs = {
             "loss": loss.detach(),
-            **values,
+            **{k: torch.tensor(v) for k, v in values.items()},
             "teacher_entropy": out["entropy"],
             "student_feature_std": out["feature_std"],
             **self.centering.norms(),
         }
         if self.hparams.high_frequency_classes:
-            hf = torch.tensor(self.hparams.high_frequency_classes, device=dominant.device)
-            logs["high_frequency_share"] = torch.isin(dominant, hf).float().mean()
+            if self._high_frequency is None or self._high_frequency.device != dominant.device:
+                self._high_frequency = torch.tensor(
+                    self.hparams.high_frequency_classes, device=dominant.device
+                )
+            logs["high_frequency_share"] = torch.isin(dominant, self._high_frequency).float().mean()
         if self._last_step_time is not None:
-            logs["samples_per_sec"] = (
-                dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
-            )
+            rate = dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
+            logs["samples_per_sec"] = torch.tensor(rate)
         self._last_step_time = now
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False)
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=size)
         return loss
+
+    def _record_non_finite(self, loss: Tensor, step: int) -> None:
+        """Keep, on the device, the first optimizer step (-1: none) with a non-finite loss."""
+        if self._non_finite is None or self._non_finite[0].device != loss.device:
+            self._non_finite = (
+                torch.full((), -1, dtype=torch.int64, device=loss.device),
+                torch.zeros((), device=loss.device),
+            )
+        first, value = self._non_finite
+        new = (first < 0) & ~torch.isfinite(loss)
+        self._non_finite = (torch.where(new, step, first), torch.where(new, loss.detach(), value))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write a checkpoint after a non-finite loss."""
+        self._check_finite()
+
+    def _check_finite(self, loss: Tensor | None = None) -> float:
+        """Stop on a recorded non-finite loss; one host sync, which also reads ``loss``.
+
+        Returns:
+            The value of ``loss`` (NaN without one).
+        """
+        if self._non_finite is None:
+            return float("nan")
+        parts = [*self._non_finite, *([] if loss is None else [loss.detach()])]
+        first, bad, *current = torch.stack([p.double() for p in parts]).tolist()
+        if first >= 0:
+            raise FloatingPointError(
+                f"non-finite DINO loss ({bad}) at optimizer step {int(first)} "
+                f"(epoch {self.current_epoch}): stopping; lower the lr or check the input batch"
+            )
+        return current[0] if current else float("nan")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Teacher CLS features of whole-tile evaluation batches (``inputs``, ``presence``)."""
@@ -365,3 +400,4 @@ class TerraFMPretrainModule(L.LightningModule):
             group["weight_decay"] = values["weight_decay"] if group["decay"] else 0.0
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         ema_update(self.teacher, self.student, values["momentum"])
+        self.centering.step()
