@@ -28,14 +28,12 @@ class TerraFMCLI(LightningCLI):
     """LightningCLI whose datamodule settings flow into the model by argument links."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link store-derived datamodule properties into the model at instantiation.
+        """Link evaluation datamodules' task description into the probes at instantiation.
 
-        A link to a parameter the chosen model class lacks is skipped, so pretraining and
-        probe links coexist.
+        A link to a parameter the chosen model class lacks is skipped. The pretraining module
+        takes the store's class statistics from ``trainer.datamodule`` in its ``setup`` instead,
+        so no store is opened while the config is parsed.
         """
-        for name in ("class_frequencies", "high_frequency_classes"):
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-        # Evaluation datamodules describe their task; the probes take it.
         for name in ("num_classes", "multilabel", "ignore_index"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 

@@ -147,24 +147,45 @@ class TerraFMPretrainModule(L.LightningModule):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        if centering == "dual":
-            if not high_frequency_classes:
-                raise ValueError(
-                    "centering='dual' needs high_frequency_classes (linked from the datamodule "
-                    "by the CLI, or given explicitly); use centering='dino' for plain DINO"
-                )
-            self.centering: Centering = DualCentering(
-                num_prototypes, high_frequency_classes, center_momentum, dual_alpha
-            )
-        elif centering == "dino":
-            self.centering = Centering(num_prototypes, center_momentum)
-        else:
+        if centering not in ("dual", "dino"):
             raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
+        self.centering: Centering | None = None
+        if centering == "dino" or high_frequency_classes:
+            self._build_centering()
         self._schedules: dict[str, WarmupCosine] = {}
         self._freeze_last_layer_steps = 0
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------------------- setup
+    def _build_centering(self) -> None:
+        hp = self.hparams
+        if hp.centering == "dino":
+            self.centering = Centering(hp.num_prototypes, hp.center_momentum)
+            return
+        if not hp.high_frequency_classes:
+            raise ValueError(
+                "centering='dual' needs high_frequency_classes: give them, or train with a "
+                "datamodule that has them (TerraFMDataModule); use centering='dino' for plain DINO"
+            )
+        self.centering = DualCentering(
+            hp.num_prototypes, hp.high_frequency_classes, hp.center_momentum, hp.dual_alpha
+        )
+
+    def setup(self, stage: str) -> None:
+        """Take the store's class statistics from the datamodule unless given explicitly.
+
+        This replaces a CLI link (which would open the store when the config is parsed): values
+        set in the YAML (``model.init_args.class_frequencies`` / ``high_frequency_classes``) win;
+        missing ones come from ``trainer.datamodule`` once it is set up, are recorded in
+        ``hparams`` (so the checkpoint rebuilds the same centring) and build the centring.
+        """
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        for name in ("class_frequencies", "high_frequency_classes"):
+            if self.hparams[name] is None and hasattr(datamodule, name):
+                self.hparams[name] = getattr(datamodule, name)
+        if self.centering is None:
+            self._build_centering()
+
     def configure_model(self) -> None:
         """Shard student and teacher alike with FSDP2 under ``ModelParallelStrategy``.
 
