@@ -45,7 +45,7 @@ def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> N
     assert crops["global_crops"][0]["s1"].shape == (4, 2, 16, 16)
 
     with pytest.raises(StoreError, match="s3://bucket/missing.zarr"):
-        TerraFMDataModule("s3://bucket/missing.zarr", storage_options=options)
+        TerraFMDataModule("s3://bucket/missing.zarr", storage_options=options).setup("fit")
 
 
 def test_unreachable_s3_store_names_the_url() -> None:
