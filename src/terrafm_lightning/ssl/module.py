@@ -10,7 +10,6 @@ from typing import Any, Literal
 import lightning as L
 import timm
 import torch
-from timm.optim import param_groups_layer_decay
 from torch import Tensor, nn
 
 from terrafm_lightning.modalities import BANDS
@@ -20,6 +19,7 @@ from terrafm_lightning.ssl.centering import Centering, DualCentering
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.head import DINOHead
 from terrafm_lightning.ssl.loss import dino_loss
+from terrafm_lightning.ssl.optim import layer_decay_groups
 from terrafm_lightning.ssl.schedules import WarmupCosine
 
 
@@ -222,20 +222,12 @@ class TerraFMPretrainModule(L.LightningModule):
         return self
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups of the student by layer (timm's ``param_groups_layer_decay``).
+        """AdamW groups of the student by layer (:func:`layer_decay_groups`).
 
-        Each group keeps its ``lr_scale`` (layer-wise decay; 1 everywhere when ``layer_decay`` is
-        1) and a ``decay`` flag: no weight decay on 1-D tensors (norms, biases) and the
-        backbone's ``no_weight_decay()`` tensors. Both are applied per step in
+        Each group keeps its ``lr_scale`` and ``decay`` flag; both are applied per step in
         ``optimizer_step``.
         """
-        no_decay = [f"backbone.{name}" for name in self.student.backbone.no_weight_decay()]
-        groups = param_groups_layer_decay(
-            self.student, 1.0, no_decay, layer_decay=self.hparams.layer_decay
-        )
-        for group in groups:
-            group["decay"] = group.pop("weight_decay") > 0
-        return groups
+        return layer_decay_groups(self.student, self.student.backbone, self.hparams.layer_decay)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``."""
