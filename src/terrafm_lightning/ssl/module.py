@@ -10,6 +10,8 @@ from typing import Any, Literal
 import lightning as L
 import timm
 import torch
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from terrafm_lightning.modalities import BANDS
@@ -78,8 +80,10 @@ class TerraFMPretrainModule(L.LightningModule):
             datamodule; recorded in the checkpoint's hyper-parameters).
         high_frequency_classes: WorldCover codes whose samples update ``c_h`` (linked from the
             datamodule; required for dual centring).
-        lr: peak learning rate after warm-up (DINO: 5e-4 x global batch / 256).
-        min_lr: learning rate at the end of the cosine.
+        lr: peak learning rate per 256 samples (DINO's 5e-4); the run's peak is
+            ``lr * global_batch / 256`` with global batch = devices x nodes x batch size x
+            gradient accumulation, computed at fit start and logged.
+        min_lr: learning rate at the end of the cosine (absolute, as in DINO).
         warmup_epochs: linear learning-rate warm-up length.
         weight_decay: weight decay at the start of the cosine.
         weight_decay_end: weight decay at the end.
@@ -93,6 +97,13 @@ class TerraFMPretrainModule(L.LightningModule):
         freeze_last_layer_epochs: the head's prototype layer gets no updates this long.
         seed: seeds the per-batch random stream (crops, modality draws, drop-path), so a
             resumed run draws exactly what an uninterrupted one draws.
+        clip_mode: how ``trainer.gradient_clip_val`` clips: ``"per_parameter"`` (DINO: each
+            gradient tensor rescaled to norm <= the value on its own) or ``"global_norm"``
+            (Lightning's clip of the norm over all gradients).
+
+    ``--optimizer X`` on the CLI replaces AdamW by X over the same layer groups (lr and weight
+    decay still follow the schedules); ``--lr_scheduler`` is refused, the schedules being part of
+    the recipe.
     """
 
     def __init__(
@@ -123,6 +134,7 @@ class TerraFMPretrainModule(L.LightningModule):
         student_temp: float = 0.1,
         freeze_last_layer_epochs: float = 1.0,
         seed: int = 0,
+        clip_mode: Literal["per_parameter", "global_norm"] = "per_parameter",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -149,11 +161,18 @@ class TerraFMPretrainModule(L.LightningModule):
         self.teacher.eval()
         if centering not in ("dual", "dino"):
             raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
+        if clip_mode not in ("per_parameter", "global_norm"):
+            raise ValueError(
+                f"clip_mode must be 'per_parameter' or 'global_norm', got {clip_mode!r}"
+            )
+        self.optimizer_init: dict[str, Any] | None = None
+        self.peak_lr: float | None = None
         self.centering: Centering | None = None
         if centering == "dino" or high_frequency_classes:
             self._build_centering()
         self._schedules: dict[str, WarmupCosine] = {}
         self._freeze_last_layer_steps = 0
+        self._warmup_steps = 0
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------------------- setup
@@ -230,7 +249,12 @@ class TerraFMPretrainModule(L.LightningModule):
         return layer_decay_groups(self.student, self.student.backbone, self.hparams.layer_decay)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``."""
+        """AdamW (or the CLI's ``--optimizer``) over the student's layer groups.
+
+        lr and weight decay are set per step in ``optimizer_step``.
+        """
+        if self.optimizer_init is not None:
+            return instantiate_class(self._param_groups(), self.optimizer_init)
         return torch.optim.AdamW(self._param_groups(), lr=self.hparams.lr, weight_decay=0.0)
 
     def on_fit_start(self) -> None:
@@ -248,8 +272,8 @@ class TerraFMPretrainModule(L.LightningModule):
         def steps(epochs: float) -> int:
             return min(total, round(epochs * per_epoch))
 
+        self._warmup_steps = steps(hp.warmup_epochs)
         self._schedules = {
-            "lr": WarmupCosine(hp.lr, hp.min_lr, total, steps(hp.warmup_epochs)),
             "weight_decay": WarmupCosine(hp.weight_decay, hp.weight_decay_end, total),
             "momentum": WarmupCosine(hp.momentum_teacher, hp.momentum_teacher_end, total),
             "teacher_temp": WarmupCosine(
@@ -261,6 +285,29 @@ class TerraFMPretrainModule(L.LightningModule):
             ),
         }
         self._freeze_last_layer_steps = steps(hp.freeze_last_layer_epochs)
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """At the first batch, scale ``lr`` (per 256 samples) by the global batch and log it.
+
+        Global batch = processes (devices x nodes) x this batch's size x gradient accumulation;
+        the batch is the one source that holds for every loader, resumed runs included.
+        """
+        if "lr" in self._schedules:
+            return
+        trainer = self.trainer
+        global_batch = (
+            trainer.world_size * len(batch["dominant_class"]) * trainer.accumulate_grad_batches
+        )
+        self.peak_lr = self.hparams.lr * global_batch / 256
+        rank_zero_info(
+            f"peak lr {self.peak_lr:.4g} = lr {self.hparams.lr:g} per 256 samples x global batch "
+            f"{global_batch} ({trainer.world_size} processes x {len(batch['dominant_class'])} x "
+            f"{trainer.accumulate_grad_batches} accumulation) / 256"
+        )
+        total = self._schedules["momentum"].total_steps
+        self._schedules["lr"] = WarmupCosine(
+            self.peak_lr, self.hparams.min_lr, total, self._warmup_steps
+        )
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """Every scheduled value at optimizer step ``step``."""
@@ -363,6 +410,30 @@ class TerraFMPretrainModule(L.LightningModule):
         if self.trainer.global_step < self._freeze_last_layer_steps:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip each gradient tensor on its own (DINO) or, with ``clip_mode``, the global norm.
+
+        Per parameter: ``g *= min(1, clip / (||g|| + 1e-6))`` (DINO's ``clip_gradients``),
+        computed on the device without a host sync; a sharded (FSDP2) gradient's norm is its
+        full norm.
+        """
+        per_parameter = self.hparams.clip_mode == "per_parameter"
+        if not gradient_clip_val or not per_parameter or gradient_clip_algorithm == "value":
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    norm = torch.linalg.vector_norm(param.grad)
+                    param.grad.mul_((gradient_clip_val / (norm + 1e-6)).clamp(max=1.0))
 
     def optimizer_step(
         self,
