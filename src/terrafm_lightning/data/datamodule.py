@@ -17,12 +17,13 @@ for every stage.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
 from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset
@@ -137,6 +138,7 @@ class TerraFMDataModule(LightningDataModule):
         self._resume: dict[str, Any] | None = None
         self.predict_dataset: StoreTileDataset | None = None
         self.predict_exclude: set[int] = set()
+        self.predict_sampler: Callable[[np.ndarray], Sampler] | None = None
         self._usable: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __str__(self) -> str:
@@ -308,16 +310,21 @@ class TerraFMDataModule(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Every usable written tile in store order, except the samples in ``predict_exclude``.
 
-        ``predict_exclude`` holds store sample indices already embedded (set by
-        ``EmbeddingWriter`` on resume before Lightning builds this loader).
+        ``predict_exclude`` holds store sample indices already embedded and
+        ``predict_sampler`` builds the sampler from the loader's store sample indices; both are
+        set by ``EmbeddingWriter`` (resume, one output chunk per rank) before Lightning builds
+        this loader.
         """
         if self.train_dataset is None:
             self.setup("predict")
         samples = self._usable[0]
         rows = np.flatnonzero(~np.isin(samples, sorted(self.predict_exclude)))
         self.predict_dataset = self._subset(rows)
+        sampler = self.predict_sampler(samples[rows]) if self.predict_sampler else None
         return self._loader(
-            self.predict_dataset, self.hparams.val_batch_size or self.hparams.batch_size
+            self.predict_dataset,
+            self.hparams.val_batch_size or self.hparams.batch_size,
+            sampler=sampler,
         )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:

@@ -14,7 +14,9 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from terrafm_lightning.modalities import BANDS
+from terrafm_lightning.batch import TileView
+from terrafm_lightning.eval.knn import knn_scores
+from terrafm_lightning.modalities import BANDS, WORLDCOVER_CLASSES
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.models.terrafm import layer_group_matcher
 from terrafm_lightning.ssl.centering import Centering, DualCentering
@@ -55,6 +57,12 @@ def _concat_views(
         for m in names
     }
     return inputs, torch.cat(presences)
+
+
+def worldcover_index(codes: Tensor) -> Tensor:
+    """Class index (0..10, ``WORLDCOVER_CLASSES`` order) of WorldCover codes."""
+    table = torch.tensor(sorted(WORLDCOVER_CLASSES), device=codes.device)
+    return torch.searchsorted(table, codes)
 
 
 class TerraFMPretrainModule(L.LightningModule):
@@ -101,10 +109,25 @@ class TerraFMPretrainModule(L.LightningModule):
             gradient tensor rescaled to norm <= the value on its own) or ``"global_norm"``
             (Lightning's clip of the norm over all gradients).
 
+    Subclasses that train something else on the frozen networks (probes) set the class attribute
+    ``pretraining = False``: no EMA, DINO schedules, last-layer freeze or student updates then
+    (see :mod:`terrafm_lightning.ssl.probe`).
+
+    Validation (held-out tiles of ``TerraFMDataModule``, every ``check_val_every_n_epoch``):
+    ``val/loss`` is the DINO loss between the whole tile and its left-right flip (deterministic
+    views, no local crops), ``val/knn_top1`` the weighted kNN (k=20, T=0.07) top-1 accuracy of
+    the teacher's CLS on the tiles' dominant WorldCover class (two folds of the validation set,
+    each the other's bank) and ``val/knn_rare_top1`` the same over tiles whose dominant class is
+    not high-frequency. Per-sample values are gathered over ranks and de-duplicated by sample
+    index, so any number of processes gives the same metrics.
+
     ``--optimizer X`` on the CLI replaces AdamW by X over the same layer groups (lr and weight
     decay still follow the schedules); ``--lr_scheduler`` is refused, the schedules being part of
     the recipe.
     """
+
+    pretraining: bool = True
+    """False in subclasses that keep the pretrained networks fixed (probes)."""
 
     def __init__(
         self,
@@ -159,6 +182,8 @@ class TerraFMPretrainModule(L.LightningModule):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.eval()
+        if not self.pretraining:
+            self.student.requires_grad_(False)
         if centering not in ("dual", "dino"):
             raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
         if clip_mode not in ("per_parameter", "global_norm"):
@@ -173,6 +198,7 @@ class TerraFMPretrainModule(L.LightningModule):
         self._schedules: dict[str, WarmupCosine] = {}
         self._freeze_last_layer_steps = 0
         self._warmup_steps = 0
+        self._val_outputs: list[dict[str, Tensor]] = []
         self._last_step_time: float | None = None
 
     # ----------------------------------------------------------------------------- setup
@@ -259,6 +285,8 @@ class TerraFMPretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Build the per-step schedules from the trainer's step counts."""
+        if not self.pretraining:
+            return
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
@@ -292,7 +320,7 @@ class TerraFMPretrainModule(L.LightningModule):
         Global batch = processes (devices x nodes) x this batch's size x gradient accumulation;
         the batch is the one source that holds for every loader, resumed runs included.
         """
-        if "lr" in self._schedules:
+        if "lr" in self._schedules or not self.pretraining:
             return
         trainer = self.trainer
         global_batch = (
@@ -397,17 +425,86 @@ class TerraFMPretrainModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False)
         return loss
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        """Teacher CLS features of whole-tile evaluation batches (``inputs``, ``presence``)."""
-        return {
-            "index": batch["index"],
-            "features": self.teacher.backbone(batch["inputs"], batch["presence"]),
+    def predict_step(self, batch: TileView, batch_idx: int) -> dict[str, Tensor]:
+        """Teacher CLS and mean patch token of whole-tile views, with the store sample index."""
+        tokens = self.teacher.backbone.forward_features(batch["inputs"], batch["presence"])
+        return {"index": batch["index"], "cls": tokens[:, 0], "mean_patch": tokens[:, 1:].mean(1)}
+
+    def validation_step(self, batch: TileView, batch_idx: int) -> None:
+        """Per-sample DINO loss on (tile, flipped tile) and teacher CLS, kept for epoch end."""
+        inputs, presence = batch["inputs"], batch["presence"]
+        views = {
+            "global_crops": [inputs, {m: x.flip(-1) for m, x in inputs.items()}],
+            "local_crops": [],
+            "teacher_presence": [presence, presence],
+            "student_presence": [presence, presence],
+            "dominant_class": batch["dominant_class"],
         }
+        student, teacher, _ = self._student_teacher_logits(views)
+        probs = torch.softmax(self.centering(teacher.float()) / self.hparams.teacher_temp, dim=-1)
+        loss = torch.stack(
+            [
+                dino_loss(student[:, i : i + 1], probs[:, i : i + 1], self.hparams.student_temp)
+                for i in range(student.shape[1])
+            ]
+        )
+        features = self.teacher.backbone(inputs, presence).float()
+        label = worldcover_index(batch["dominant_class"])
+        self._val_outputs.append(
+            {"index": batch["index"], "loss": loss, "features": features, "label": label}
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Gather every rank's samples, drop the sampler's padding duplicates, log the metrics."""
+        if not self._val_outputs:
+            return
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs.clear()
+        gathered = {
+            k: v.flatten(0, 1) if self.trainer.world_size > 1 else v
+            for k, v in ((k, self.all_gather(v)) for k, v in local.items())
+        }
+        order = torch.argsort(gathered["index"], stable=True)
+        index = gathered["index"][order]
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        data = {k: v[order][first] for k, v in gathered.items()}
+        self.log("val/loss", data["loss"].mean(), rank_zero_only=True)
+        if len(data["label"]) < 2:
+            return
+        folds = [torch.arange(len(data["label"]), device=index.device) % 2 == f for f in (0, 1)]
+        predicted = torch.empty_like(data["label"])
+        for query, bank in (folds, folds[::-1]):
+            scores = knn_scores(
+                data["features"][bank],
+                data["label"][bank],
+                data["features"][query],
+                len(WORLDCOVER_CLASSES),
+            )
+            predicted[query] = scores.argmax(1)
+        correct = (predicted == data["label"]).float()
+        self.log("val/knn_top1", correct.mean(), rank_zero_only=True)
+        frequent = worldcover_index(
+            torch.tensor(self.hparams.high_frequency_classes or [], device=index.device)
+        )
+        rare = ~torch.isin(data["label"], frequent)
+        if rare.any():
+            self.log("val/knn_rare_top1", correct[rare].mean(), rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep plain hyper-parameters only, so subclasses (probes) load pretraining checkpoints.
+
+        LightningCLI records its instantiator and the class path; every argument of this module
+        is a plain value, and with them ``Subclass.load_from_checkpoint`` would be refused.
+        """
+        hparams = checkpoint.get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
 
     # ------------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the prototype layer's gradients while it is frozen (before clipping)."""
-        if self.trainer.global_step < self._freeze_last_layer_steps:
+        if self.pretraining and self.trainer.global_step < self._freeze_last_layer_steps:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
 
@@ -443,6 +540,9 @@ class TerraFMPretrainModule(L.LightningModule):
         optimizer_closure: Any = None,
     ) -> None:
         """Set this step's lr and weight decay, step, then update the EMA teacher."""
+        if not self.pretraining:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
         values = self.schedule_values(self.trainer.global_step)
         for group in optimizer.param_groups:
             group["lr"] = values["lr"] * group["lr_scale"]
