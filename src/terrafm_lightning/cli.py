@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ class TerraFMCLI(LightningCLI):
 
         With several loggers (TensorBoard + CSV) each would pick its own next version; here the
         first free ``version_N`` over all their folders is set on each of them, unless one has
-        an explicit ``version`` (other loggers, e.g. W&B run ids, are left alone). ``ModelCheckpoint`` without ``dirpath`` then writes into
+        an explicit ``version`` (other loggers, e.g. W&B run ids, are left alone).
+        ``ModelCheckpoint`` without ``dirpath`` then writes into
         ``<save_dir>/<name>/version_N/checkpoints`` of that same run.
         """
         config = self.config.get(str(self.subcommand), self.config)
@@ -148,7 +150,7 @@ class TerraFMCLI(LightningCLI):
             )
         optimizer = config.get("optimizer")
         if optimizer:
-            self.model.optimizer_init = dict(optimizer)
+            self.model.optimizer_init = optimizer.as_dict()
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Refuse a checkpoint whose tensors do not fit the model, before the run starts."""
@@ -201,14 +203,25 @@ def run_cli(args: list[str] | None = None) -> TerraFMCLI:
     )
 
 
-def _message(err: BaseException) -> str:
-    """The first meaningful line of an error (jsonargparse nests the reason in later lines)."""
+def _message(err: BaseException, argv: list[str]) -> str:
+    """The first meaningful line of an error, naming the config file of a rejected key."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if isinstance(err, ArgumentError) and len(lines) > 1:
-        # "Parser key "model": ... \n - Key "num_prototype" is not accepted" -> keep both ends.
-        reasons = [line for line in lines if "not accepted" in line or "does not" in line]
-        return f"{lines[0]} {reasons[0] if reasons else lines[-1]}"
-    return lines[0] if lines else type(err).__name__
+    message = lines[0] if lines else type(err).__name__
+    for line in lines[1:]:  # jsonargparse: 'Parser key "x":' then the reason below
+        if not message.endswith(":"):
+            break
+        message = f"{message} {line.lstrip('- ')}"
+    if not isinstance(err, ArgumentError):
+        return message
+    key = re.search(r"(?:Option|Key) ['\"]([^'\"]+)['\"] is not accepted", str(err))
+    if key:
+        message = f"{message.split(':')[0]}: option '{key.group(1)}' is not accepted"
+        configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+        line = re.compile(rf"^\s*{re.escape(key.group(1).split('.')[-1])}\s*:", re.M)
+        found = [c for c in configs if Path(c).is_file() and line.search(Path(c).read_text())]
+        where = f" (in {found[-1]})" if found else " (on the command line)"
+        message += f"{where}; check its spelling with --print_config or --help"
+    return message
 
 
 def main(args: list[str] | None = None) -> None:
@@ -232,6 +245,6 @@ def main(args: list[str] | None = None) -> None:
         cause: Any = err
         while cause.__cause__ is not None and not str(cause):
             cause = cause.__cause__
-        print(f"terrafm: error: {_message(cause)}", file=sys.stderr)
+        print(f"terrafm: error: {_message(cause, argv)}", file=sys.stderr)
         print(f"  (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
