@@ -469,7 +469,7 @@ class TerraFMPretrainModule(L.LightningModule):
         first = torch.ones_like(index, dtype=torch.bool)
         first[1:] = index[1:] != index[:-1]
         data = {k: v[order][first] for k, v in gathered.items()}
-        self.log("val/loss", data["loss"].mean(), rank_zero_only=True)
+        self.log("val/loss", data["loss"].mean())
         if len(data["label"]) < 2:
             return
         folds = [torch.arange(len(data["label"]), device=index.device) % 2 == f for f in (0, 1)]
@@ -483,13 +483,13 @@ class TerraFMPretrainModule(L.LightningModule):
             )
             predicted[query] = scores.argmax(1)
         correct = (predicted == data["label"]).float()
-        self.log("val/knn_top1", correct.mean(), rank_zero_only=True)
+        self.log("val/knn_top1", correct.mean())
         frequent = worldcover_index(
             torch.tensor(self.hparams.high_frequency_classes or [], device=index.device)
         )
         rare = ~torch.isin(data["label"], frequent)
         if rare.any():
-            self.log("val/knn_rare_top1", correct[rare].mean(), rank_zero_only=True)
+            self.log("val/knn_rare_top1", correct[rare].mean())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep plain hyper-parameters only, so subclasses (probes) load pretraining checkpoints.
