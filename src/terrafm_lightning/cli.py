@@ -90,7 +90,8 @@ class TerraFMCLI(LightningCLI):
         if not args or any(a.get("version") is not None for a in args):
             return
         parent, _, inherited = os.environ.get(RUN_VERSION_ENV, "").partition(":")
-        if parent == str(os.getppid()) and inherited:
+        child = os.environ.get("LOCAL_RANK", "0") != "0" and parent == str(os.getppid())
+        if child and inherited:
             version = int(inherited)  # a DDP rank started by the run's launcher
         else:
             taken = [

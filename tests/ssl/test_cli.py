@@ -343,6 +343,50 @@ def test_fit_sigkill_and_exact_resume(store: Path, tmp_path: Path) -> None:
     for key, value in model.state_dict().items():
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
+    # SLURM preemption as experiments/slurm/ sets it up (--signal=SIGUSR1 + --requeue): Lightning
+    # saves hpc_ckpt_1.ckpt in default_root_dir and calls `scontrol requeue`; SLURM then kills
+    # the job and starts the same command again, which restores that checkpoint by itself.
+    slurm_dir = tmp_path / "slurm"
+    config = tiny_config(store, slurm_dir)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/requeued\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "terrafm-pretrain",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    command = [sys.executable, "-m", "terrafm_lightning", "fit", "--config", str(config)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, slurm_dir / "runs" / "version_0" / "checkpoints" / "last.ckpt", 4)
+    proc.send_signal(signal.SIGUSR1)
+    hpc = slurm_dir / "hpc_ckpt_1.ckpt"
+    wait_for_checkpoint(proc, hpc, min_step=4)
+    while not (tmp_path / "requeued").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # SLURM ends the preempted job
+    proc.wait()
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    preempted_at = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert 4 <= preempted_at < 12
+    requeued = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    resumed = {s: v for s, v in step_losses(slurm_dir).items() if s >= preempted_at}
+    assert resumed == pytest.approx({s: v for s, v in reference.items() if s >= preempted_at})
+    final = torch.load(
+        slurm_dir / "runs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True
+    )["state_dict"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int) -> int:
     """Wait until ``path`` holds a complete checkpoint of step >= ``min_step``; its step."""

@@ -15,6 +15,9 @@ the pretraining-only fusion tensors.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +200,50 @@ def released_export_note() -> str:
         f"released layout: the pretraining-only fusion tensors ({PRETRAINING_ONLY_PREFIX}*) are "
         "dropped; a model loaded from it fuses modalities with re-initialised fusion tensors"
     )
+
+
+class SlurmRequeue(Callback):
+    """SLURM preemption at an optimizer-step boundary, so the requeued job resumes exactly.
+
+    Lightning's own handler of the requeue signal (``--signal=SIGUSR1@120``) saves
+    ``hpc_ckpt_N.ckpt`` wherever the signal lands, mid-batch included, so the requeued job
+    skips or repeats part of a batch. This callback replaces that handler: the signal only sets
+    a flag; at the next batch end that completes an optimizer step (agreed over all ranks) it
+    saves ``<default_root_dir>/hpc_ckpt_N.ckpt``, runs ``scontrol requeue $SLURM_JOB_ID`` on
+    rank 0 and stops training. The requeued job restores that checkpoint by itself (Lightning
+    picks the newest ``hpc_ckpt_*`` when SLURM is detected and no ``--ckpt_path`` is given).
+
+    Args:
+        signal_name: the signal ``sbatch --signal`` sends.
+    """
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signum = signal.Signals[signal_name]
+        self._requested = False
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Install the handler (after Lightning's, which it replaces)."""
+        self._requested = False
+        signal.signal(self.signum, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self._requested = True
+
+    def on_train_batch_end(  # noqa: D102
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+            return
+        trainer.save_checkpoint(
+            trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        )
+        job = os.environ.get("SLURM_JOB_ID")
+        if trainer.is_global_zero and job:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            if array:
+                job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            result = subprocess.call(["scontrol", "requeue", job])
+            log.info("scontrol requeue %s: exit status %d", job, result)
+        trainer.should_stop = True
