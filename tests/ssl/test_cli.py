@@ -389,12 +389,16 @@ def test_fit_sigkill_and_exact_resume(store: Path, tmp_path: Path) -> None:
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int) -> int:
-    """Wait until ``path`` holds a complete checkpoint of step >= ``min_step``; its step."""
+    """Wait until ``path`` holds a complete checkpoint of step >= ``min_step``; its step.
+
+    A distributed checkpoint (a folder) is read through its ``meta.pt``.
+    """
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if path.exists() and time.time() - path.stat().st_mtime > 0.5:
+        meta = path / "meta.pt" if path.is_dir() else path
+        if meta.exists() and time.time() - meta.stat().st_mtime > 0.5:
             try:
-                step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+                step = torch.load(meta, map_location="cpu", weights_only=True)["global_step"]
             except Exception:  # caught mid-write
                 step = -1
             if step >= min_step:

@@ -45,7 +45,7 @@ def _ddp_config(store: Path, out: Path, devices: int) -> Path:
     return tiny_config(store, out, **strategy)
 
 
-def _cli(*args: str) -> subprocess.Popen:
+def cli_process(*args: str) -> subprocess.Popen:
     """``python -m terrafm_lightning ARGS`` in its own session (DDP ranks included)."""
     return subprocess.Popen(
         [sys.executable, "-m", "terrafm_lightning", *args],
@@ -56,7 +56,7 @@ def _cli(*args: str) -> subprocess.Popen:
     )
 
 
-def _finish(proc: subprocess.Popen) -> None:
+def finish(proc: subprocess.Popen) -> None:
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-4000:]
 
@@ -71,7 +71,7 @@ def test_ddp_sigkill_resume_validate_and_predict_through_the_cli(tmp_path: Path)
     store = make_synthetic_store(tmp_path / "store.zarr", 32, 64)
     # Uninterrupted 2-process DDP reference.
     ref = tmp_path / "ref"
-    _finish(_cli("fit", "--config", str(_ddp_config(store, ref, 2))))
+    finish(cli_process("fit", "--config", str(_ddp_config(store, ref, 2))))
     ref_last = ref / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     reference = step_losses(ref)
     assert len(reference) == 6  # 48 samples / (2 ranks x 8) per epoch, 2 epochs
@@ -79,14 +79,14 @@ def test_ddp_sigkill_resume_validate_and_predict_through_the_cli(tmp_path: Path)
     # The same run, SIGKILLed mid-epoch 2 (rank 0; rank 1 then stops on its own), resumed.
     run = tmp_path / "killed"
     config = _ddp_config(store, run, 2)
-    proc = _cli("fit", "--config", str(config))
+    proc = cli_process("fit", "--config", str(config))
     last = run / "runs" / "version_0" / "checkpoints" / "last.ckpt"
     wait_for_checkpoint(proc, last, min_step=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed_from = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= resumed_from < 6
-    _finish(_cli("fit", "--config", str(config), "--ckpt_path", str(last)))
+    finish(cli_process("fit", "--config", str(config), "--ckpt_path", str(last)))
     resumed = {s: v for s, v in step_losses(run).items() if s >= resumed_from}
     assert resumed == pytest.approx({s: v for s, v in reference.items() if s >= resumed_from})
     final = torch.load(run / "runs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)[
@@ -100,7 +100,7 @@ def test_ddp_sigkill_resume_validate_and_predict_through_the_cli(tmp_path: Path)
     for devices in (1, 2):
         out = tmp_path / f"validate{devices}"
         args = ["validate", "--config", str(_ddp_config(store, out, devices))]
-        _finish(_cli(*args, "--ckpt_path", str(ref_last)))
+        finish(cli_process(*args, "--ckpt_path", str(ref_last)))
         metrics[devices] = _val_metrics(out)
     assert metrics[1].keys() == {"val/loss", "val/knn_top1", "val/knn_rare_top1"}
     assert metrics[2] == pytest.approx(metrics[1], rel=1e-5)
@@ -115,8 +115,10 @@ def test_ddp_sigkill_resume_validate_and_predict_through_the_cli(tmp_path: Path)
             {"class_path": "EmbeddingWriter", "init_args": {"output": str(output), "chunk": 4}}
         )
         (out / "predict.yaml").write_text(yaml.safe_dump(config))
-        _finish(
-            _cli("predict", "--config", str(out / "predict.yaml"), "--ckpt_path", str(ref_last))
+        finish(
+            cli_process(
+                "predict", "--config", str(out / "predict.yaml"), "--ckpt_path", str(ref_last)
+            )
         )
         embeddings[devices] = xr.open_zarr(output)
     np.testing.assert_array_equal(embeddings[2]["written"], embeddings[1]["written"])
