@@ -30,15 +30,22 @@ def _module(path: Path, **kwargs: object) -> TerraFMDataModule:
     return TerraFMDataModule(str(path), **options)
 
 
-def test_attributes_ready_after_construction_without_reading_tiles(store: Path) -> None:
+def test_construction_reads_nothing_and_setup_reads_the_store_once(store: Path) -> None:
     dm = _module(store, high_frequency_threshold=0.1)
+    assert dm.train_dataset is None and dm.multicrop is None  # no I/O in __init__
+    with pytest.raises(RuntimeError, match="setup"):
+        _ = dm.class_frequencies
+    dm.setup("fit")
     stored = open_store(str(store)).attrs["class_frequencies"]
     assert dm.class_frequencies == {int(c): f for c, f in stored.items()}
     assert dm.high_frequency_classes == sorted(int(c) for c, f in stored.items() if f >= 0.1)
     assert 0 < len(dm.high_frequency_classes) < 11
-    assert dm.train_dataset is None  # nothing beyond the root attributes read yet
+    train = dm.train_dataset
+    dm.setup("validate")
+    assert dm.train_dataset is train  # later stages reuse the split
+    missing = TerraFMDataModule(str(store.parent / "nowhere.zarr"))  # constructing is fine
     with pytest.raises(StoreError, match="nowhere.zarr"):
-        TerraFMDataModule(str(store.parent / "nowhere.zarr"))
+        missing.setup("fit")
     with pytest.raises(ValueError, match="worker_context"):
         _module(store, worker_context="fork")
 

@@ -28,6 +28,7 @@ def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> N
         local_crop_size=16,
         n_local_crops=1,
     )
+    dm.setup("fit")
     assert dm.class_frequencies == {
         int(c): f for c, f in open_store(str(local)).attrs["class_frequencies"].items()
     }
@@ -44,10 +45,10 @@ def test_datamodule_streams_a_store_from_s3(tmp_path: Path, s3_server: int) -> N
     assert crops["global_crops"]["s1"].shape == (2 * 4, 2, 16, 16)
 
     with pytest.raises(StoreError, match="s3://bucket/missing.zarr"):
-        TerraFMDataModule("s3://bucket/missing.zarr", storage_options=options)
+        TerraFMDataModule("s3://bucket/missing.zarr", storage_options=options).setup("fit")
 
 
 def test_unreachable_s3_store_names_the_url() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(StoreError, match="cannot open store at s3://bucket/store.zarr"):
-        TerraFMDataModule("s3://bucket/store.zarr", storage_options=s3_options(port))
+        TerraFMDataModule("s3://bucket/store.zarr", storage_options=s3_options(port)).setup("fit")

@@ -83,7 +83,8 @@ def test_linear_probe_learns_with_a_frozen_backbone(eurosat, tmp_path):
     t.fit(probe, datamodule=dm)
     test = t.test(probe, datamodule=dm, verbose=False)[0]
     assert all(torch.equal(before[k], v) for k, v in probe.backbone.state_dict().items())
-    assert test["test/top1"] >= 0.7 and 0 <= test["test/f1_macro"] <= 1
+    # >= 7 of 10 test tiles (float32 makes 7/10 0.69999999).
+    assert test["test/top1"] >= 0.7 - 1e-6 and 0 <= test["test/f1_macro"] <= 1
 
 
 def test_linear_probe_cls_mean_and_bad_pooling():

@@ -1,4 +1,4 @@
-"""The ``terrafm`` CLI end to end on a synthetic store: fit, exact resume after SIGKILL, export."""
+"""The ``terrafm`` CLI end to end on a synthetic store: fit, validate, predict, export, errors."""
 
 from __future__ import annotations
 
@@ -8,14 +8,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import xarray as xr
 import yaml
+import zarr
 
-from terrafm_lightning.cli import export_backbone, main, run_cli
+from terrafm_lightning.cli import main, run_cli
+from terrafm_lightning.data.datamodule import TerraFMDataModule
+from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import load_released_weights, terrafm_tiny
+from terrafm_lightning.ssl.checkpoint import export_backbone, load_backbone
+from terrafm_lightning.ssl.module import TerraFMPretrainModule
+from terrafm_lightning.ssl.probe import TeacherLinearProbe
+from terrafm_lightning.store.format import open_store
+from tests.conftest import free_port, s3_options
 from tests.generators.stores import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,39 +44,265 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_store(tmp_path_factory.mktemp("store") / "tiny.zarr", 32, 64)
 
 
-def tiny_config(store: Path, out: Path, **trainer: object) -> Path:
-    """The tiny experiment config with its paths moved under ``out``."""
+def tiny_config(
+    store: Path | str, out: Path, data: dict[str, Any] | None = None, **trainer: Any
+) -> Path:
+    """The tiny experiment config with its outputs under ``out`` and no progress bar."""
     config = yaml.safe_load(TINY.read_text())
-    config["data"]["init_args"]["path"] = str(store)
+    config["data"]["init_args"].update(path=str(store), **(data or {}))
     config["trainer"].update(
         default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, **trainer
     )
-    config["trainer"]["logger"]["init_args"]["save_dir"] = str(out)
-    config["trainer"]["callbacks"][0]["init_args"]["dirpath"] = str(out / "checkpoints")
+    for logger in config["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(out)
+    config["trainer"]["callbacks"] = [
+        c for c in config["trainer"]["callbacks"] if c["class_path"] != "RichProgressBar"
+    ]
     path = out / "config.yaml"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def step_losses(out: Path) -> dict[int, float]:
-    """Per-step training losses of every CSV log under ``out``."""
-    losses = {}
-    for metrics in sorted(out.glob("lightning_logs/version_*/metrics.csv")):
+def metric_rows(out: Path) -> list[dict[str, str]]:
+    """Every CSV metrics row of every run under ``out``."""
+    rows = []
+    for metrics in sorted(out.glob("runs/version_*/metrics.csv")):
         with metrics.open() as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    losses[int(row["step"])] = float(row["train/loss"])
-    return losses
+            rows += list(csv.DictReader(f))
+    return rows
 
 
-def test_print_config_resolves_short_names(store: Path, tmp_path: Path, capsys) -> None:
+def step_losses(out: Path) -> dict[int, float]:
+    """Per-step training losses of every run under ``out``."""
+    return {int(r["step"]): float(r["train/loss"]) for r in metric_rows(out) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def trained(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One epoch (6 steps, then validation) through the CLI, counting datamodule setups."""
+    out = tmp_path_factory.mktemp("trained")
+    config = tiny_config(store, out, max_epochs=1)
+    calls: Counter[str] = Counter()
+    real = TerraFMDataModule.setup
+
+    def counted(self: TerraFMDataModule, stage: str | None = None) -> None:
+        calls[str(getattr(stage, "value", stage))] += 1
+        real(self, stage)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TerraFMDataModule, "setup", counted)
+        cli = run_cli(["fit", "--config", str(config)])
+    run = out / "runs" / "version_0"
+    return {"out": out, "config": config, "cli": cli, "run": run, "setup_calls": calls}
+
+
+def test_fit_sets_up_once_links_class_statistics_and_fills_one_run_folder(trained) -> None:
+    cli, run = trained["cli"], trained["run"]
+    assert trained["setup_calls"] == {"fit": 1}
+    assert cli.trainer.global_step == 6
+    # The store's class statistics reached the model without a parse-time link.
+    assert cli.model.hparams.high_frequency_classes == cli.datamodule.high_frequency_classes
+    assert cli.model.hparams.class_frequencies == cli.datamodule.class_frequencies
+    assert cli.model.peak_lr == pytest.approx(1.6e-2 * 8 / 256)
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["best-epoch=0-step=6.ckpt", "last.ckpt", "teacher.pth"]
+    assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents.*"))
+    logged = {k for row in metric_rows(trained["out"]) for k, v in row.items() if v}
+    assert {"val/loss", "val/knn_top1", "val/knn_rare_top1", "train/lr"} <= logged
+    teacher = load_backbone(run / "checkpoints" / "teacher.pth")
+    for key, value in cli.model.teacher.backbone.state_dict().items():
+        torch.testing.assert_close(teacher.state_dict()[key], value)
+
+
+def test_a_second_run_gets_its_own_folder(trained, store: Path) -> None:
+    first = trained["run"] / "checkpoints" / "last.ckpt"
+    before = first.read_bytes()
+    cli = run_cli(["fit", "--config", str(trained["config"]), "--trainer.max_steps", "1"])
+    assert cli.trainer.global_step == 1
+    second = trained["out"] / "runs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert second.is_file() and first.read_bytes() == before
+
+
+def test_validate_from_a_checkpoint_gives_the_fit_metrics(trained) -> None:
+    last = trained["run"] / "checkpoints" / "last.ckpt"
+    cli = run_cli(["validate", "--config", str(trained["config"]), "--ckpt_path", str(last)])
+    fitted = {
+        k: float(v)
+        for row in metric_rows(trained["out"])
+        if row.get("val/knn_top1")
+        for k, v in row.items()
+        if k.startswith("val/") and v
+    }
+    got = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+    assert got.keys() == {"val/loss", "val/knn_top1", "val/knn_rare_top1"}
+    assert got == pytest.approx(fitted, rel=1e-5)
+
+
+def predict_config(trained: dict[str, Any], output: Path) -> Path:
+    config = yaml.safe_load(trained["config"].read_text())
+    config["trainer"]["callbacks"].append(
+        {
+            "class_path": "EmbeddingWriter",
+            "init_args": {"output": str(output), "mean_patch_tokens": True, "chunk": 8},
+        }
+    )
+    path = output.parent / "predict.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_predict_writes_every_tile_to_zarr_and_resumes(trained, store: Path, tmp_path: Path):
+    output = tmp_path / "embeddings.zarr"
+    config = predict_config(trained, output)
+    last = str(trained["run"] / "checkpoints" / "last.ckpt")
+    cli = run_cli(["predict", "--config", str(config), "--ckpt_path", last])
+    usable = cli.datamodule.predict_dataset.samples
+    ds = xr.open_zarr(output)
+    assert ds["cls"].dims == ("sample", "feature") and ds["cls"].shape == (32, 192)
+    written = ds["written"].values
+    np.testing.assert_array_equal(np.flatnonzero(written), np.sort(usable))
+    source = open_store(str(store))
+    for name in ("grid_cell", "tile_index", "centre_lat", "centre_lon"):
+        np.testing.assert_array_equal(ds[name].values, source[name][:])
+    np.testing.assert_array_equal(ds["sample_index"].values, np.arange(32))
+    # The rows are the teacher's features of the samples named by the row.
+    dm, model = cli.datamodule, cli.model
+    batch = dm.on_after_batch_transfer(next(iter(dm.predict_dataloader())), 0)
+    with torch.no_grad():
+        expected = model.predict_step(batch, 0)
+    rows = expected["index"].numpy()
+    np.testing.assert_allclose(ds["cls"].values[rows], expected["cls"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        ds["mean_patch"].values[rows], expected["mean_patch"].numpy(), rtol=1e-5, atol=1e-6
+    )
+    full = ds["cls"].values.copy()
+    # A run killed after some batches: unwritten rows are redone, the others left alone.
+    root = zarr.open_group(str(output), mode="r+")
+    redo = np.sort(usable)[3:11]
+    root["written"][redo] = False
+    root["cls"][redo] = np.nan
+    cli = run_cli(["predict", "--config", str(config), "--ckpt_path", last])
+    assert sorted(cli.datamodule.predict_dataset.samples) == redo.tolist()
+    np.testing.assert_allclose(xr.open_zarr(output)["cls"].values, full, rtol=1e-5)
+
+
+def fused_input() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = {m: torch.randn(2, len(BANDS[m]), 32, 32, generator=generator) for m in MODALITIES}
+    return inputs, torch.ones(2, 3, dtype=torch.bool)
+
+
+def test_export_backbone_keeps_fusion_and_released_layout_drops_it(trained, tmp_path, capsys):
+    last = trained["run"] / "checkpoints" / "last.ckpt"
+    teacher = TerraFMPretrainModule.load_from_checkpoint(last).teacher.backbone.eval()
+    full = load_backbone(export_backbone(last, tmp_path / "full.pth")).eval()
+    inputs, presence = fused_input()
+    with torch.no_grad():
+        torch.testing.assert_close(full(inputs, presence), teacher(inputs, presence))
+    main(["export-backbone", "--ckpt", str(last), "--out", str(tmp_path / "rel.pth"), "--released"])
+    assert "fusion tensors (patch_embed.fusion.*) are dropped" in capsys.readouterr().err
+    released = terrafm_tiny(depth=2)
+    missing = load_released_weights(released, tmp_path / "rel.pth")
+    assert missing and all(k.startswith("patch_embed.fusion.") for k in missing)
+    for key, value in released.state_dict().items():
+        if key not in missing:
+            torch.testing.assert_close(value, teacher.state_dict()[key])
+    with pytest.raises(ValueError, match="not a backbone export"):
+        load_backbone(tmp_path / "rel.pth")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a TerraFMPretrainModule checkpoint"):
+        export_backbone(tmp_path / "other.ckpt", tmp_path / "x.pth")
+
+
+def test_linear_probe_subclass_loads_a_pretraining_checkpoint(trained, store: Path) -> None:
+    import lightning as L
+
+    last = trained["run"] / "checkpoints" / "last.ckpt"
+    probe = TeacherLinearProbe.load_from_checkpoint(last, probe_lr=1e-2)
+    pretrained = TerraFMPretrainModule.load_from_checkpoint(last).state_dict()
+    head = probe.probe.weight.clone()
+    dm = TerraFMDataModule(
+        str(store), batch_size=8, num_workers=0, global_crop_size=32, local_crop_size=16
+    )
+    trainer = L.Trainer(
+        max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(probe, datamodule=dm)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/probe_loss"])
+    assert not torch.equal(probe.probe.weight, head)
+    for key, value in pretrained.items():  # student, teacher and centres untouched
+        torch.testing.assert_close(probe.state_dict()[key], value, msg=key)
+
+
+def test_optimizer_flag_builds_that_optimizer_over_the_layer_groups(trained) -> None:
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(trained["config"]),
+            "--trainer.max_steps",
+            "1",
+            "--optimizer",
+            "SGD",
+            "--optimizer.lr",
+            "0.1",
+            "--optimizer.momentum",
+            "0.9",
+        ]
+    )
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert all("lr_scale" in g and "decay" in g for g in optimizer.param_groups)
+
+
+def _one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(tiny_config(store, tmp_path)), "--print_config"])
-    assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "terrafm_lightning.ssl.module.TerraFMPretrainModule"
-    assert printed["data"]["class_path"].endswith("TerraFMDataModule")
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err and "usage:" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("terrafm: error:")]
+    assert len(errors) == 1, err[-2000:]
+    return errors[0]
+
+
+def test_user_mistakes_print_one_line(trained, store: Path, tmp_path: Path, capsys) -> None:
+    config = str(trained["config"])
+    typo = yaml.safe_load(trained["config"].read_text())
+    typo["model"]["init_args"]["num_prototype"] = 64
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(typo))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((trained["run"] / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"backbone.w": torch.zeros(1)}, "hyper_parameters": {}}, other)
+    probe = tmp_path / "probe.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "x.KNNProbe"}}, probe)
+    cases = {
+        "num_prototype": ["fit", "--config", config, "--model.init_args.num_prototype", "3"],
+        "typo.yaml": ["fit", "--config", str(tmp_path / "typo.yaml")],
+        "nothere.yaml": ["fit", "--config", str(tmp_path / "nothere.yaml")],
+        "nowhere.zarr": ["fit", "--config", config, "--data.init_args.path", "nowhere.zarr"],
+        "truncated.ckpt": ["fit", "--config", config, "--ckpt_path", str(truncated)],
+        "other.ckpt": ["validate", "--config", config, "--ckpt_path", str(other)],
+        "KNNProbe": ["validate", "--config", config, "--ckpt_path", str(probe)],
+        "--lr_scheduler": ["fit", "--config", config, "--lr_scheduler", "ConstantLR"],
+    }
+    for needle, args in cases.items():
+        line = _one_line_error(args, capsys)
+        assert needle in line, (needle, line)
+    assert "num_prototype" in _one_line_error(cases["typo.yaml"], capsys)
+    # Unreachable S3 endpoint (nothing listens on the port).
+    s3 = tiny_config(
+        "s3://bucket/store.zarr",
+        tmp_path / "s3",
+        data={"storage_options": s3_options(free_port())},
+    )
+    assert "s3://bucket/store.zarr" in _one_line_error(["fit", "--config", str(s3)], capsys)
+    # --debug shows the real exception instead.
+    with pytest.raises(FileNotFoundError, match="truncated|nothere"):
+        main(["fit", "--config", config, "--ckpt_path", str(tmp_path / "nothere.ckpt"), "--debug"])
+    os.environ.pop("TERRAFM_DEBUG", None)
 
 
 @pytest.mark.slow
@@ -75,35 +313,19 @@ def test_fit_sigkill_and_exact_resume(store: Path, tmp_path: Path) -> None:
     model = cli.model
     assert cli.trainer.global_step == 12
     reference = step_losses(ref_dir)
-    assert len(reference) == 12 and all(map(torch.isfinite, torch.tensor([*reference.values()])))
-    # The store's class statistics reached the model through the CLI links.
-    assert model.hparams.high_frequency_classes == cli.datamodule.high_frequency_classes
-    assert model.hparams.class_frequencies == cli.datamodule.class_frequencies
-    assert (ref_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(reference) == 12 and all(map(np.isfinite, reference.values()))
 
     # Same run in a subprocess, killed with SIGKILL once a mid-epoch checkpoint exists.
     run_dir = tmp_path / "killed"
     config = tiny_config(store, run_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "terrafm_lightning", "fit", "--config", str(config)],
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    target = run_dir / "checkpoints" / "epoch=0-step=4.ckpt"
-    deadline = time.monotonic() + 240
-    while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert target.exists(), proc.stderr.read().decode()[-3000:] if proc.poll() else "timeout"
-    last = run_dir / "checkpoints" / "last.ckpt"
-    while (
-        proc.poll() is None
-        and time.monotonic() < deadline
-        and (not last.exists() or last.stat().st_mtime < target.stat().st_mtime)
-    ):
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the save of last.ckpt finish
+    last = run_dir / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for_checkpoint(proc, last, min_step=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
@@ -112,6 +334,7 @@ def test_fit_sigkill_and_exact_resume(store: Path, tmp_path: Path) -> None:
 
     cli = run_cli(["fit", "--config", str(config), "--ckpt_path", str(last)])
     assert cli.trainer.global_step == 12
+    assert (run_dir / "runs" / "version_1" / "checkpoints" / "last.ckpt").is_file()
     resumed = {s: v for s, v in step_losses(run_dir).items() if s >= resumed_from}
     after = {s: v for s, v in reference.items() if s >= resumed_from}
     assert len(after) >= 1 and resumed.keys() == after.keys()
@@ -120,15 +343,65 @@ def test_fit_sigkill_and_exact_resume(store: Path, tmp_path: Path) -> None:
     for key, value in model.state_dict().items():
         torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
-    # The teacher backbone exported in the released layout loads into a fresh backbone.
-    exported = export_backbone(ref_dir / "checkpoints" / "last.ckpt", tmp_path / "tiny.pth")
-    backbone = terrafm_tiny(depth=2)
-    missing = load_released_weights(backbone, exported)
-    assert missing and all(k.startswith("patch_embed.fusion.") for k in missing)
-    teacher = model.teacher.backbone.state_dict()
-    for key, value in backbone.state_dict().items():
-        if key not in missing:
-            torch.testing.assert_close(value, teacher[key])
-    with pytest.raises(ValueError, match="not a TerraFMPretrainModule checkpoint"):
-        torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
-        export_backbone(tmp_path / "other.ckpt", tmp_path / "x.pth")
+    # SLURM preemption as experiments/slurm/ sets it up (--signal=SIGUSR1 + --requeue): Lightning
+    # saves hpc_ckpt_1.ckpt in default_root_dir and calls `scontrol requeue`; SLURM then kills
+    # the job and starts the same command again, which restores that checkpoint by itself.
+    slurm_dir = tmp_path / "slurm"
+    config = tiny_config(store, slurm_dir)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/requeued\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "terrafm-pretrain",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    command = [sys.executable, "-m", "terrafm_lightning", "fit", "--config", str(config)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(proc, slurm_dir / "runs" / "version_0" / "checkpoints" / "last.ckpt", 4)
+    proc.send_signal(signal.SIGUSR1)
+    hpc = slurm_dir / "hpc_ckpt_1.ckpt"
+    wait_for_checkpoint(proc, hpc, min_step=4)
+    while not (tmp_path / "requeued").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # SLURM ends the preempted job
+    proc.wait()
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    preempted_at = torch.load(hpc, map_location="cpu", weights_only=True)["global_step"]
+    assert 4 <= preempted_at < 12
+    requeued = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    resumed = {s: v for s, v in step_losses(slurm_dir).items() if s >= preempted_at}
+    assert resumed == pytest.approx({s: v for s, v in reference.items() if s >= preempted_at})
+    final = torch.load(
+        slurm_dir / "runs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True
+    )["state_dict"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, path: Path, min_step: int) -> int:
+    """Wait until ``path`` holds a complete checkpoint of step >= ``min_step``; its step.
+
+    A distributed checkpoint (a folder) is read through its ``meta.pt``.
+    """
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        meta = path / "meta.pt" if path.is_dir() else path
+        if meta.exists() and time.time() - meta.stat().st_mtime > 0.5:
+            try:
+                step = torch.load(meta, map_location="cpu", weights_only=True)["global_step"]
+            except Exception:  # caught mid-write
+                step = -1
+            if step >= min_step:
+                return step
+        time.sleep(0.1)
+    raise AssertionError(proc.stderr.read().decode()[-3000:] if proc.poll() else "timeout")

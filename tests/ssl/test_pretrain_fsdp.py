@@ -7,12 +7,17 @@ one unsharded process on the whole batches.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import run_rank_script
+from tests.generators.stores import make_synthetic_store
+from tests.ssl.test_cli import step_losses, tiny_config, wait_for_checkpoint
+from tests.ssl.test_pretrain_ddp import cli_process, finish
 
 MOMENTUM = 0.9  # the script's momentum_teacher: the EMA momentum at optimizer step 0
 
@@ -64,3 +69,46 @@ def test_fsdp_shards_student_and_teacher_and_matches_one_process(tmp_path: Path)
             assert torch.equal(a[key], b[key]), f"step {step}: {key} differs between ranks"
             torch.testing.assert_close(a[key], s[key], rtol=1e-4, atol=1e-6)
     assert rank0[-1]["c"].abs().sum() > 0 and rank0[-1]["c_h"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_distributed_checkpoint_resume_through_the_cli(tmp_path: Path) -> None:
+    store = make_synthetic_store(tmp_path / "store.zarr", 32, 64)
+    strategy = {
+        "class_path": "ModelParallelStrategy",
+        "init_args": {
+            "data_parallel_size": 2,
+            "tensor_parallel_size": 1,
+            "process_group_backend": "gloo",
+            "save_distributed_checkpoint": True,
+        },
+    }
+    configs = {
+        name: tiny_config(store, tmp_path / name, strategy=strategy, devices=2)
+        for name in ("ref", "killed")
+    }
+    finish(cli_process("fit", "--config", str(configs["ref"])))
+    reference = step_losses(tmp_path / "ref")
+    assert len(reference) == 6
+    run = tmp_path / "killed"
+    proc = cli_process("fit", "--config", str(configs["killed"]))
+    last = run / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for_checkpoint(proc, last, min_step=4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.is_dir()  # a distributed checkpoint: one shard file per rank
+    resumed_from = torch.load(last / "meta.pt", weights_only=True)["global_step"]
+    assert 4 <= resumed_from < 6
+    finish(cli_process("fit", "--config", str(configs["killed"]), "--ckpt_path", str(last)))
+    resumed = {s: v for s, v in step_losses(run).items() if s >= resumed_from}
+    assert resumed == pytest.approx({s: v for s, v in reference.items() if s >= resumed_from})
+
+    def final_state(root: Path, version: int) -> dict[str, torch.Tensor]:
+        folder = root / "runs" / f"version_{version}" / "checkpoints"
+        dcp_to_torch_save(folder / "last.ckpt", folder / "last.pt")
+        return torch.load(folder / "last.pt", weights_only=True)["state_dict"]
+
+    final, expected = final_state(run, 1), final_state(tmp_path / "ref", 0)
+    assert {k.split(".")[0] for k in expected} >= {"student", "teacher"}
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, rtol=1e-5, atol=1e-6, msg=key)

@@ -134,7 +134,9 @@ def test_schedules_advance_per_optimizer_step_under_accumulation(monkeypatch) ->
     assert calls[0] == pytest.approx(0.996)
     lr = [model.schedule_values(s)["lr"] for s in (0, 1)]
     assert [r["lr"][0] for r in recorder.steps] == pytest.approx(lr)
-    assert lr[0] == 0.0 and lr[1] == pytest.approx(TINY.get("lr", 5e-4))
+    # lr is per 256 samples: global batch 4 samples x 2 accumulated micro-batches.
+    assert lr[0] == 0.0 and lr[1] == pytest.approx(5e-4 * 4 * 2 / 256)
+    assert model.peak_lr == pytest.approx(5e-4 * 8 / 256)
 
 
 def test_last_layer_frozen_for_the_first_steps() -> None:
@@ -180,8 +182,10 @@ def test_param_groups_exclude_norms_biases_tokens_and_queries() -> None:
 
 
 def test_dual_centering_needs_the_high_frequency_set() -> None:
+    later = TerraFMPretrainModule(**{**TINY, "high_frequency_classes": None})
+    assert later.centering is None  # built in setup, from the datamodule's classes
     with pytest.raises(ValueError, match="high_frequency_classes"):
-        TerraFMPretrainModule(**{**TINY, "high_frequency_classes": None})
+        later._build_centering()
     with pytest.raises(ValueError, match=r"\[30\] are not in class_frequencies"):
         TerraFMPretrainModule(**{**TINY, "class_frequencies": {10: 0.7, 50: 0.3}})
     plain = TerraFMPretrainModule(**{**TINY, "centering": "dino", "high_frequency_classes": None})
@@ -303,3 +307,35 @@ def test_stems_without_crops_still_take_part_with_zero_gradient() -> None:
         assert (id(embed.fusion.queries) in ids) == (len(kept) == 1)
         assert all(p.grad is not None and not p.grad.any() for p in unused)
         assert embed.conv2d_s2_l2a.weight.grad.abs().sum() > 0
+
+
+def test_gradients_clipped_per_parameter_as_dino_by_default() -> None:
+    model = TerraFMPretrainModule(**TINY)
+    optimizer = model.configure_optimizers()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 10.0 if i == 0 else 1e-4)  # one huge, the rest small
+    before = [p.grad.clone() for p in params]
+    model.configure_gradient_clipping(optimizer, 3.0, None)
+    norms = [float(p.grad.norm()) for p in params]
+    assert norms[0] == pytest.approx(3.0, rel=1e-5)  # the big one rescaled to the clip value
+    for p, old in zip(params[1:], before[1:], strict=True):
+        if float(old.norm()) < 3.0:
+            torch.testing.assert_close(p.grad, old)  # DINO leaves the others alone
+    assert any(float(old.norm()) < 3.0 for old in before[1:])
+
+
+def test_global_norm_clipping_is_an_option() -> None:
+    model = TerraFMPretrainModule(**{**TINY, "clip_mode": "global_norm"})
+    seen: list[float] = []
+
+    class Norm(L.Callback):
+        def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.student.parameters() if p.grad is not None]
+            if grads:  # the zero_grad before the first step sees no gradient yet
+                seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    _fit(model, 3, gradient_clip_val=1e-3, callbacks=[Norm()])
+    assert seen and all(n == pytest.approx(1e-3, rel=1e-3) for n in seen)
+    with pytest.raises(ValueError, match="clip_mode"):
+        TerraFMPretrainModule(**{**TINY, "clip_mode": "each"})

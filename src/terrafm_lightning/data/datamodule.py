@@ -11,17 +11,22 @@ Mid-epoch resume: the module's ``state_dict`` holds the sampler's epoch and this
 counted in samples that reached ``on_after_batch_transfer`` during training (so DataLoader
 prefetching does not skip tiles); Lightning saves it in every checkpoint and restores it before
 it builds the train DataLoader, which then continues the epoch exactly where it stopped.
+
+``__init__`` only checks arguments; the store is first opened in ``setup()`` (so
+``--print_config`` and config parsing work with no store on disk), and ``setup()`` reads it once
+for every stage.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
 from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
@@ -124,36 +129,10 @@ class TerraFMDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 <= nodata_threshold <= 1.0:
             raise ValueError(f"nodata_threshold must be in [0, 1], got {nodata_threshold}")
-        # Root attributes only; the pixel arrays are opened by each worker.
-        attrs = open_store(path, storage_options=storage_options).attrs.asdict()
-        stored = list(attrs["modalities"])
-        wanted = [check_modality(m) for m in (modalities or stored)]
-        if missing := [m for m in wanted if m not in stored]:
-            raise StoreError(f"store {path} has no modality {missing} (it has {stored})")
-        self.modalities = [m for m in MODALITIES if m in wanted]
-        self.classes = [int(c) for c in attrs["worldcover_classes"]]
-        frequencies = attrs.get("class_frequencies") or {}
-        self._class_frequencies = {int(c): float(f) for c, f in frequencies.items()}
-        if tau > 0 and not self._class_frequencies:
-            raise StoreError(
-                f"store {path} has no WorldCover class_frequencies (run `terrafm-data worldcover`)"
-                " ; use tau=0 for uniform sampling"
-            )
-        store_stats = (attrs.get("stats") or {}) if normalisation == "store" else {}
-        self.multicrop = MultiCrop(
-            modalities=self.modalities,
-            n_global=n_global_crops,
-            global_size=global_crop_size,
-            global_scale=tuple(global_crop_scale),
-            n_local=n_local_crops,
-            local_size=local_crop_size,
-            local_scale=tuple(local_crop_scale),
-            hflip=hflip,
-            vflip=vflip,
-            draw_mode=modality_draw,
-            draw_probability=modality_probability,
-            stats={m: store_stats[m] for m in self.modalities if m in store_stats},
-        )
+        self.modalities: list[str] = []
+        self.classes: list[int] = []
+        self._class_frequencies: dict[int, float] | None = None
+        self.multicrop: MultiCrop | None = None
         self.train_dataset: StoreTileDataset | None = None
         self.val_dataset: StoreTileDataset | None = None
         self.train_weights: np.ndarray | None = None
@@ -161,22 +140,71 @@ class TerraFMDataModule(LightningDataModule):
         self.sampler: WorldCoverWeightedSampler | None = None
         self._progress = {"epoch": 0, "position": 0}
         self._resume: dict[str, Any] | None = None
+        self.predict_dataset: StoreTileDataset | None = None
+        self.predict_exclude: set[int] = set()
+        self.predict_sampler: Callable[[np.ndarray], Sampler] | None = None
+        self._kept: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def __str__(self) -> str:
+        """Class and store path; unlike Lightning's default, builds no dataloader (no I/O)."""
+        return f"{type(self).__name__}(path={self.hparams.path!r})"
+
+    def _read_store_attributes(self) -> None:
+        """Modalities, classes, frequencies and statistics from the store's root attributes."""
+        hp = self.hparams
+        # Root attributes only; the pixel arrays are opened by each worker.
+        attrs = open_store(hp.path, storage_options=hp.storage_options).attrs.asdict()
+        stored = list(attrs["modalities"])
+        wanted = [check_modality(m) for m in (hp.modalities or stored)]
+        if missing := [m for m in wanted if m not in stored]:
+            raise StoreError(f"store {hp.path} has no modality {missing} (it has {stored})")
+        self.modalities = [m for m in MODALITIES if m in wanted]
+        self.classes = [int(c) for c in attrs["worldcover_classes"]]
+        frequencies = attrs.get("class_frequencies") or {}
+        self._class_frequencies = {int(c): float(f) for c, f in frequencies.items()}
+        if hp.tau > 0 and not self._class_frequencies:
+            raise StoreError(
+                f"store {hp.path} has no WorldCover class_frequencies (run `terrafm-data "
+                "worldcover`); use tau=0 for uniform sampling"
+            )
+        store_stats = (attrs.get("stats") or {}) if hp.normalisation == "store" else {}
+        self.multicrop = MultiCrop(
+            modalities=self.modalities,
+            n_global=hp.n_global_crops,
+            global_size=hp.global_crop_size,
+            global_scale=tuple(hp.global_crop_scale),
+            n_local=hp.n_local_crops,
+            local_size=hp.local_crop_size,
+            local_scale=tuple(hp.local_crop_scale),
+            hflip=hp.hflip,
+            vflip=hp.vflip,
+            draw_mode=hp.modality_draw,
+            draw_probability=hp.modality_probability,
+            stats={m: store_stats[m] for m in self.modalities if m in store_stats},
+        )
 
     @property
     def class_frequencies(self) -> dict[int, float]:
-        """WorldCover class code -> share of valid pixels in the store."""
+        """WorldCover class code -> share of valid pixels in the store (after ``setup``)."""
+        if self._class_frequencies is None:
+            raise RuntimeError("TerraFMDataModule reads the store in setup(): call setup() first")
         return dict(self._class_frequencies)
 
     @property
     def high_frequency_classes(self) -> list[int]:
         """Class codes whose frequency is at least ``high_frequency_threshold``."""
         threshold = self.hparams.high_frequency_threshold
-        return sorted(c for c, f in self._class_frequencies.items() if f >= threshold)
+        return sorted(c for c, f in self.class_frequencies.items() if f >= threshold)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the small per-sample metadata, drop unusable tiles, split train / validation."""
+        """Open the store: attributes, per-sample metadata, train / validation split (once).
+
+        Every stage shares the split, so later calls (other stages, dataloader builders) return
+        at once.
+        """
         if self.train_dataset is not None:
             return
+        self._read_store_attributes()
         hp = self.hparams
         meta = SampleMetadata(open_store(hp.path, storage_options=hp.storage_options))
         available = meta.selected(self.modalities, hp.nodata_threshold)
@@ -197,24 +225,16 @@ class TerraFMDataModule(LightningDataModule):
             )
         if len(samples) == 0:
             raise StoreError(f"store {hp.path} has no usable sample")
+        self._kept = (
+            samples,
+            available[samples],
+            meta.worldcover_hist[samples],
+            meta.dominant_class[samples],
+        )
         order = np.random.default_rng(hp.seed).permutation(len(samples))
         n_val = int(round(hp.val_fraction * len(samples)))
-        parts = {"val": np.sort(order[:n_val]), "train": np.sort(order[n_val:])}
-        datasets = {
-            name: StoreTileDataset(
-                hp.path,
-                samples[part],
-                available[samples[part]],
-                meta.worldcover_hist[samples[part]],
-                meta.dominant_class[samples[part]],
-                self.modalities,
-                hp.nodata_threshold,
-                hp.storage_options,
-            )
-            for name, part in parts.items()
-        }
-        self.train_dataset = datasets["train"]
-        self.val_dataset = datasets["val"] if n_val else None
+        self.train_dataset = self._subset(np.sort(order[n_val:]))
+        self.val_dataset = self._subset(np.sort(order[:n_val])) if n_val else None
         frequencies = [self._class_frequencies.get(c, 0.0) for c in self.classes]
         hist = self.train_dataset.worldcover_hist
         self.train_weights = (
@@ -226,6 +246,21 @@ class TerraFMDataModule(LightningDataModule):
     library allow it (see :func:`~terrafm_lightning.store.codecs.device_decoder`), else the
     workers decode on the CPU. Set it to force a backend (tests use the CPU one)."""
     _decoder: DeviceDecoder | None = None
+
+    def _subset(self, rows: np.ndarray) -> StoreTileDataset:
+        """Dataset of the usable samples at positions ``rows`` (see ``setup``)."""
+        samples, available, hist, dominant = self._kept
+        hp = self.hparams
+        return StoreTileDataset(
+            hp.path,
+            samples[rows],
+            available[rows],
+            hist[rows],
+            dominant[rows],
+            self.modalities,
+            hp.nodata_threshold,
+            hp.storage_options,
+        )
 
     def _loader(
         self,
@@ -303,6 +338,26 @@ class TerraFMDataModule(LightningDataModule):
             # Train and validation datasets read the same arrays: either decodes.
             batch = self.train_dataset.decode_encoded(batch, self._decoder)
         return batch
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every usable written tile in store order, except the samples in ``predict_exclude``.
+
+        ``predict_exclude`` holds store sample indices already embedded and
+        ``predict_sampler`` builds the sampler from the loader's store sample indices; both are
+        set by ``EmbeddingWriter`` (resume, one output chunk per rank) before Lightning builds
+        this loader.
+        """
+        if self.train_dataset is None:
+            self.setup("predict")
+        samples = self._kept[0]
+        rows = np.flatnonzero(~np.isin(samples, sorted(self.predict_exclude)))
+        self.predict_dataset = self._subset(rows)
+        sampler = self.predict_sampler(samples[rows]) if self.predict_sampler else None
+        return self._loader(
+            self.predict_dataset,
+            self.hparams.val_batch_size or self.hparams.batch_size,
+            sampler=sampler,
+        )
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict:
         """Training: multi-crop and modality draws; otherwise whole tiles (``whole_tiles``)."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from timm.optim import param_groups_layer_decay
-
 from terrafm_lightning.eval.linear_probe import LinearProbe
 from terrafm_lightning.models.terrafm import layer_group_matcher
+from terrafm_lightning.ssl.optim import layer_decay_groups
 
 
 class FineTune(LinearProbe):
@@ -39,11 +38,9 @@ class FineTune(LinearProbe):
         return layer_group_matcher("backbone.")
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Layer-decayed parameter groups with their lr scale folded into ``lr``."""
-        no_decay = [f"backbone.{name}" for name in self.backbone.no_weight_decay()]
-        groups = param_groups_layer_decay(
-            self, self.hparams.weight_decay, no_decay, layer_decay=self.hparams.layer_decay
-        )
+        """Layer-decayed parameter groups with their lr scale and weight decay set."""
+        groups = layer_decay_groups(self, self.backbone, self.hparams.layer_decay)
         for group in groups:
             group["lr"] = self.hparams.lr * group.pop("lr_scale")
+            group["weight_decay"] = self.hparams.weight_decay if group.pop("decay") else 0.0
         return groups

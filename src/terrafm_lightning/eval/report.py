@@ -40,7 +40,8 @@ from terrafm_lightning.eval.knn import extract_features, knn_evaluate
 from terrafm_lightning.eval.linear_probe import LinearProbe
 from terrafm_lightning.eval.segmentation import SegmentationProbe
 from terrafm_lightning.eval.task import BackboneTask
-from terrafm_lightning.models.checkpoints import checkpoint_architecture, read_checkpoint
+from terrafm_lightning.models.checkpoints import read_checkpoint
+from terrafm_lightning.ssl.checkpoint import checkpoint_architecture
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.models import load_released_weights
-from terrafm_lightning.models.checkpoints import load_pretraining_backbone
+from terrafm_lightning.ssl.checkpoint import load_pretraining_backbone
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,14 @@ class SharedProjection(nn.Module):
     """The shared projection psi: ``proj1`` -> LayerNorm -> ``proj2`` -> ``proj3``.
 
     ``proj1`` is also the value projection of the fusion attention, so :meth:`head` is psi
-    without ``proj1``.
+    without ``proj1``. The LayerNorm has PyTorch's default eps (1e-5) as in the release, unlike
+    the ViT blocks' 1e-6.
     """
 
     def __init__(self, stem_dim: int, embed_dim: int) -> None:
         super().__init__()
         self.proj1 = nn.Linear(stem_dim, stem_dim, bias=False)
-        self.norm_input = nn.LayerNorm(stem_dim, eps=1e-6)
+        self.norm_input = nn.LayerNorm(stem_dim)
         self.proj2 = nn.Linear(stem_dim, stem_dim)
         self.proj3 = nn.Linear(stem_dim, embed_dim)
 

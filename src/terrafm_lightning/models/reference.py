@@ -55,7 +55,7 @@ class _Projection(nn.Module):
     def __init__(self, wide: int, dim: int) -> None:
         super().__init__()
         self.proj1 = nn.Linear(wide, wide, bias=False)
-        self.norm_input = nn.LayerNorm(wide, eps=1e-6)
+        self.norm_input = nn.LayerNorm(wide)  # the release: default eps 1e-5
         self.proj2 = nn.Linear(wide, wide)
         self.proj3 = nn.Linear(wide, dim)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from functools import partial
@@ -16,7 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from terrafm_lightning.batch import require
-from terrafm_lightning.modalities import BANDS, MODALITIES
+from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, UNITS
 from terrafm_lightning.models.patch_embed import ModalityPatchEmbed
 
 
@@ -179,8 +178,25 @@ class TerraFM(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    def forward(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
-        """Normalised CLS features, (B, d)."""
+    def forward(
+        self,
+        inputs: dict[str, Tensor] | Tensor,
+        presence: Tensor | None = None,
+        modality: str | None = None,
+    ) -> Tensor:
+        """Normalised CLS features, (B, d).
+
+        ``model(x, modality="s2_l2a")`` is ``model({"s2_l2a": x})`` (one modality, timm style).
+        """
+        if modality is not None:
+            if not isinstance(inputs, Tensor):
+                raise ValueError("modality= takes one (B, C, H, W) tensor, not a dict of inputs")
+            inputs = {modality: inputs}
+        elif isinstance(inputs, Tensor):
+            raise ValueError(
+                f"a bare tensor needs modality=, one of {list(self.modalities)} "
+                "(or pass a dict modality -> tensor)"
+            )
         return self.forward_features(inputs, presence)[:, 0]
 
     def forward_intermediates(
@@ -229,14 +245,12 @@ def layer_group_matcher(prefix: str = "") -> dict[str, Any]:
 
 
 def _init_weights(module: nn.Module) -> None:
+    # As the release (DINO's ViT init): Linear layers only; the stems' Conv2d keep PyTorch's
+    # default initialisation and LayerNorms their ones / zeros.
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Conv2d):
-        fan_in = module.in_channels * math.prod(module.kernel_size)
-        nn.init.trunc_normal_(module.weight, std=math.sqrt(1.0 / fan_in))
-        nn.init.zeros_(module.bias)
 
 
 _SIZES: dict[str, dict[str, int]] = {
@@ -247,6 +261,38 @@ _SIZES: dict[str, dict[str, int]] = {
 }
 
 
+def pretrained_cfg(name: str, model: TerraFM) -> dict[str, Any]:
+    """timm-style ``pretrained_cfg`` of a built model: inputs, band order and normalisation.
+
+    ``modalities`` maps each stem's modality to its band order (the input channel order), unit
+    and the documented default normalisation (:data:`SSL4EO_STATS`; a store's own ``stats``
+    override them in training). Released weights are never downloaded (``url`` empty).
+    """
+    return {
+        "architecture": name,
+        "url": "",
+        "hf_hub_id": None,
+        "license": "apache-2.0",
+        "paper_ids": "arXiv:2506.06281",
+        "input_size": (
+            None,
+            model.grid_size * model.patch_size,
+            model.grid_size * model.patch_size,
+        ),
+        "patch_size": model.patch_size,
+        "num_classes": 0,
+        "modalities": {
+            m: {
+                "bands": list(BANDS[m]),
+                "units": UNITS[m],
+                "mean": list(SSL4EO_STATS[m]["mean"]),
+                "std": list(SSL4EO_STATS[m]["std"]),
+            }
+            for m in model.modalities
+        },
+    }
+
+
 def _build(name: str, pretrained: bool, **kwargs: object) -> TerraFM:
     if pretrained:
         raise ValueError(
@@ -255,7 +301,9 @@ def _build(name: str, pretrained: bool, **kwargs: object) -> TerraFM:
     # timm.create_model passes its own pretrained-config arguments; they do not apply here.
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
-    return TerraFM(**{**_SIZES[name], **kwargs})
+    model = TerraFM(**{**_SIZES[name], **kwargs})
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name, model)
+    return model
 
 
 @register_model

@@ -10,16 +10,20 @@ from typing import Any, Literal
 import lightning as L
 import timm
 import torch
-from timm.optim import param_groups_layer_decay
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from terrafm_lightning.batch import CropBatch
+from terrafm_lightning.batch import CropBatch, TileView
+from terrafm_lightning.eval.knn import knn_scores
+from terrafm_lightning.modalities import WORLDCOVER_CLASSES
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.models.terrafm import layer_group_matcher
 from terrafm_lightning.ssl.centering import Centering, DualCentering
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.head import DINOHead
 from terrafm_lightning.ssl.loss import dino_loss
+from terrafm_lightning.ssl.optim import layer_decay_groups
 from terrafm_lightning.ssl.schedules import WarmupCosine
 
 
@@ -34,6 +38,12 @@ class StudentTeacher(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Timm layer groups: stem, one per block (final norm with the last), head on top."""
         return layer_group_matcher("backbone.")
+
+
+def worldcover_index(codes: Tensor) -> Tensor:
+    """Class index (0..10, ``WORLDCOVER_CLASSES`` order) of WorldCover codes."""
+    table = torch.tensor(sorted(WORLDCOVER_CLASSES), device=codes.device)
+    return torch.searchsorted(table, codes)
 
 
 class TerraFMPretrainModule(L.LightningModule):
@@ -59,8 +69,10 @@ class TerraFMPretrainModule(L.LightningModule):
             datamodule; recorded in the checkpoint's hyper-parameters).
         high_frequency_classes: WorldCover codes whose samples update ``c_h`` (linked from the
             datamodule; required for dual centring).
-        lr: peak learning rate after warm-up (DINO: 5e-4 x global batch / 256).
-        min_lr: learning rate at the end of the cosine.
+        lr: peak learning rate per 256 samples (DINO's 5e-4); the run's peak is
+            ``lr * global_batch / 256`` with global batch = devices x nodes x batch size x
+            gradient accumulation, computed at fit start and logged.
+        min_lr: learning rate at the end of the cosine (absolute, as in DINO).
         warmup_epochs: linear learning-rate warm-up length.
         weight_decay: weight decay at the start of the cosine.
         weight_decay_end: weight decay at the end.
@@ -74,7 +86,29 @@ class TerraFMPretrainModule(L.LightningModule):
         freeze_last_layer_epochs: the head's prototype layer gets no updates this long.
         seed: seeds the per-batch random stream (crops, modality draws, drop-path), so a
             resumed run draws exactly what an uninterrupted one draws.
+        clip_mode: how ``trainer.gradient_clip_val`` clips: ``"per_parameter"`` (DINO: each
+            gradient tensor rescaled to norm <= the value on its own) or ``"global_norm"``
+            (Lightning's clip of the norm over all gradients).
+
+    Subclasses that train something else on the frozen networks (probes) set the class attribute
+    ``pretraining = False``: no EMA, DINO schedules, last-layer freeze or student updates then
+    (see :mod:`terrafm_lightning.ssl.probe`).
+
+    Validation (held-out tiles of ``TerraFMDataModule``, every ``check_val_every_n_epoch``):
+    ``val/loss`` is the DINO loss between the whole tile and its left-right flip (deterministic
+    views, no local crops), ``val/knn_top1`` the weighted kNN (k=20, T=0.07) top-1 accuracy of
+    the teacher's CLS on the tiles' dominant WorldCover class (two folds of the validation set,
+    each the other's bank) and ``val/knn_rare_top1`` the same over tiles whose dominant class is
+    not high-frequency. Per-sample values are gathered over ranks and de-duplicated by sample
+    index, so any number of processes gives the same metrics.
+
+    ``--optimizer X`` on the CLI replaces AdamW by X over the same layer groups (lr and weight
+    decay still follow the schedules); ``--lr_scheduler`` is refused, the schedules being part of
+    the recipe.
     """
+
+    pretraining: bool = True
+    """False in subclasses that keep the pretrained networks fixed (probes)."""
 
     def __init__(
         self,
@@ -104,6 +138,7 @@ class TerraFMPretrainModule(L.LightningModule):
         student_temp: float = 0.1,
         freeze_last_layer_epochs: float = 1.0,
         seed: int = 0,
+        clip_mode: Literal["per_parameter", "global_norm"] = "per_parameter",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -128,26 +163,57 @@ class TerraFMPretrainModule(L.LightningModule):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        if centering == "dual":
-            if not high_frequency_classes:
-                raise ValueError(
-                    "centering='dual' needs high_frequency_classes (linked from the datamodule "
-                    "by the CLI, or given explicitly); use centering='dino' for plain DINO"
-                )
-            self.centering: Centering = DualCentering(
-                num_prototypes, high_frequency_classes, center_momentum, dual_alpha
-            )
-        elif centering == "dino":
-            self.centering = Centering(num_prototypes, center_momentum)
-        else:
+        if not self.pretraining:
+            self.student.requires_grad_(False)
+        if centering not in ("dual", "dino"):
             raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
+        if clip_mode not in ("per_parameter", "global_norm"):
+            raise ValueError(
+                f"clip_mode must be 'per_parameter' or 'global_norm', got {clip_mode!r}"
+            )
+        self.optimizer_init: dict[str, Any] | None = None
+        self.peak_lr: float | None = None
+        self.centering: Centering | None = None
+        if centering == "dino" or high_frequency_classes:
+            self._build_centering()
         self._schedules: dict[str, WarmupCosine] = {}
         self._freeze_last_layer_steps = 0
+        self._warmup_steps = 0
+        self._val_outputs: list[dict[str, Tensor]] = []
         self._last_step_time: float | None = None
         self._non_finite: tuple[Tensor, Tensor] | None = None
         self._high_frequency: Tensor | None = None
 
     # ----------------------------------------------------------------------------- setup
+    def _build_centering(self) -> None:
+        hp = self.hparams
+        if hp.centering == "dino":
+            self.centering = Centering(hp.num_prototypes, hp.center_momentum)
+            return
+        if not hp.high_frequency_classes:
+            raise ValueError(
+                "centering='dual' needs high_frequency_classes: give them, or train with a "
+                "datamodule that has them (TerraFMDataModule); use centering='dino' for plain DINO"
+            )
+        self.centering = DualCentering(
+            hp.num_prototypes, hp.high_frequency_classes, hp.center_momentum, hp.dual_alpha
+        )
+
+    def setup(self, stage: str) -> None:
+        """Take the store's class statistics from the datamodule unless given explicitly.
+
+        This replaces a CLI link (which would open the store when the config is parsed): values
+        set in the YAML (``model.init_args.class_frequencies`` / ``high_frequency_classes``) win;
+        missing ones come from ``trainer.datamodule`` once it is set up, are recorded in
+        ``hparams`` (so the checkpoint rebuilds the same centring) and build the centring.
+        """
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        for name in ("class_frequencies", "high_frequency_classes"):
+            if self.hparams[name] is None and hasattr(datamodule, name):
+                self.hparams[name] = getattr(datamodule, name)
+        if self.centering is None:
+            self._build_centering()
+
     def configure_model(self) -> None:
         """Shard student and teacher alike with FSDP2 under ``ModelParallelStrategy``.
 
@@ -184,26 +250,21 @@ class TerraFMPretrainModule(L.LightningModule):
         return self
 
     def _param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups of the student by layer (timm's ``param_groups_layer_decay``).
+        """AdamW groups of the student by layer (:func:`layer_decay_groups`).
 
-        Each group keeps its ``lr_scale`` (layer-wise decay; 1 everywhere when ``layer_decay`` is
-        1) and a ``decay`` flag: no weight decay on 1-D tensors (norms, biases) and the
-        backbone's ``no_weight_decay()`` tensors. Both are applied per step in
+        Each group keeps its ``lr_scale`` and ``decay`` flag; both are applied per step in
         ``optimizer_step``.
         """
-        no_decay = [f"backbone.{name}" for name in self.student.backbone.no_weight_decay()]
-        groups = param_groups_layer_decay(
-            self.student, 1.0, no_decay, layer_decay=self.hparams.layer_decay
-        )
-        for group in groups:
-            group["decay"] = group.pop("weight_decay") > 0
-        return groups
+        return layer_decay_groups(self.student, self.student.backbone, self.hparams.layer_decay)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW over the student; lr and weight decay are set per step in ``optimizer_step``.
+        """AdamW (or the CLI's ``--optimizer``) over the student's layer groups.
 
-        Fused (one kernel for all parameters) on CUDA and CPU.
+        lr and weight decay are set per step in ``optimizer_step``. The default AdamW is fused
+        (one kernel for all parameters) on CUDA and CPU.
         """
+        if self.optimizer_init is not None:
+            return instantiate_class(self._param_groups(), self.optimizer_init)
         fused = self.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(
             self._param_groups(), lr=self.hparams.lr, weight_decay=0.0, fused=fused
@@ -216,6 +277,8 @@ class TerraFMPretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Build the per-step schedules from the trainer's step counts."""
+        if not self.pretraining:
+            return
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
@@ -229,8 +292,8 @@ class TerraFMPretrainModule(L.LightningModule):
         def steps(epochs: float) -> int:
             return min(total, round(epochs * per_epoch))
 
+        self._warmup_steps = steps(hp.warmup_epochs)
         self._schedules = {
-            "lr": WarmupCosine(hp.lr, hp.min_lr, total, steps(hp.warmup_epochs)),
             "weight_decay": WarmupCosine(hp.weight_decay, hp.weight_decay_end, total),
             "momentum": WarmupCosine(hp.momentum_teacher, hp.momentum_teacher_end, total),
             "teacher_temp": WarmupCosine(
@@ -242,6 +305,29 @@ class TerraFMPretrainModule(L.LightningModule):
             ),
         }
         self._freeze_last_layer_steps = steps(hp.freeze_last_layer_epochs)
+
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """At the first batch, scale ``lr`` (per 256 samples) by the global batch and log it.
+
+        Global batch = processes (devices x nodes) x this batch's size x gradient accumulation;
+        the batch is the one source that holds for every loader, resumed runs included.
+        """
+        if "lr" in self._schedules or not self.pretraining:
+            return
+        trainer = self.trainer
+        global_batch = (
+            trainer.world_size * len(batch["dominant_class"]) * trainer.accumulate_grad_batches
+        )
+        self.peak_lr = self.hparams.lr * global_batch / 256
+        rank_zero_info(
+            f"peak lr {self.peak_lr:.4g} = lr {self.hparams.lr:g} per 256 samples x global batch "
+            f"{global_batch} ({trainer.world_size} processes x {len(batch['dominant_class'])} x "
+            f"{trainer.accumulate_grad_batches} accumulation) / 256"
+        )
+        total = self._schedules["momentum"].total_steps
+        self._schedules["lr"] = WarmupCosine(
+            self.peak_lr, self.hparams.min_lr, total, self._warmup_steps
+        )
 
     def schedule_values(self, step: int) -> dict[str, float]:
         """Every scheduled value at optimizer step ``step``."""
@@ -351,10 +437,6 @@ class TerraFMPretrainModule(L.LightningModule):
         new = (first < 0) & ~torch.isfinite(loss)
         self._non_finite = (torch.where(new, step, first), torch.where(new, loss.detach(), value))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write a checkpoint after a non-finite loss."""
-        self._check_finite()
-
     def _check_finite(self, loss: Tensor | None = None) -> float:
         """Stop on a recorded non-finite loss; one host sync, which also reads ``loss``.
 
@@ -372,19 +454,115 @@ class TerraFMPretrainModule(L.LightningModule):
             )
         return current[0] if current else float("nan")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
-        """Teacher CLS features of whole-tile evaluation batches (``inputs``, ``presence``)."""
-        return {
-            "index": batch["index"],
-            "features": self.teacher.backbone(batch["inputs"], batch["presence"]),
+    def predict_step(self, batch: TileView, batch_idx: int) -> dict[str, Tensor]:
+        """Teacher CLS and mean patch token of whole-tile views, with the store sample index."""
+        tokens = self.teacher.backbone.forward_features(batch["inputs"], batch["presence"])
+        return {"index": batch["index"], "cls": tokens[:, 0], "mean_patch": tokens[:, 1:].mean(1)}
+
+    def validation_step(self, batch: TileView, batch_idx: int) -> None:
+        """Per-sample DINO loss on (tile, flipped tile) and teacher CLS, kept for epoch end."""
+        inputs, presence = batch["inputs"], batch["presence"]
+        both = torch.cat([presence, presence])
+        views = {
+            "global_crops": {m: torch.cat([x, x.flip(-1)]) for m, x in inputs.items()},
+            "local_crops": {},
+            "teacher_presence": both,
+            "student_presence": both,
+            "dominant_class": batch["dominant_class"],
         }
+        student, teacher, _ = self._student_teacher_logits(views)
+        probs = torch.softmax(self.centering(teacher.float()) / self.hparams.teacher_temp, dim=-1)
+        loss = torch.stack(
+            [
+                dino_loss(student[:, i : i + 1], probs[:, i : i + 1], self.hparams.student_temp)
+                for i in range(student.shape[1])
+            ]
+        )
+        features = self.teacher.backbone(inputs, presence).float()
+        label = worldcover_index(batch["dominant_class"])
+        self._val_outputs.append(
+            {"index": batch["index"], "loss": loss, "features": features, "label": label}
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        """Gather every rank's samples, drop the sampler's padding duplicates, log the metrics."""
+        if not self._val_outputs:
+            return
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
+        self._val_outputs.clear()
+        gathered = {
+            k: v.flatten(0, 1) if self.trainer.world_size > 1 else v
+            for k, v in ((k, self.all_gather(v)) for k, v in local.items())
+        }
+        order = torch.argsort(gathered["index"], stable=True)
+        index = gathered["index"][order]
+        first = torch.ones_like(index, dtype=torch.bool)
+        first[1:] = index[1:] != index[:-1]
+        data = {k: v[order][first] for k, v in gathered.items()}
+        self.log("val/loss", data["loss"].mean())
+        if len(data["label"]) < 2:
+            return
+        folds = [torch.arange(len(data["label"]), device=index.device) % 2 == f for f in (0, 1)]
+        predicted = torch.empty_like(data["label"])
+        for query, bank in (folds, folds[::-1]):
+            scores = knn_scores(
+                data["features"][bank],
+                data["label"][bank],
+                data["features"][query],
+                len(WORLDCOVER_CLASSES),
+            )
+            predicted[query] = scores.argmax(1)
+        correct = (predicted == data["label"]).float()
+        self.log("val/knn_top1", correct.mean())
+        frequent = worldcover_index(
+            torch.tensor(self.hparams.high_frequency_classes or [], device=index.device)
+        )
+        rare = ~torch.isin(data["label"], frequent)
+        if rare.any():
+            self.log("val/knn_rare_top1", correct[rare].mean())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write a checkpoint after a non-finite loss; keep plain hyper-parameters only.
+
+        LightningCLI records its instantiator and the class path; every argument of this module
+        is a plain value, and with them ``Subclass.load_from_checkpoint`` (probes) would be
+        refused.
+        """
+        self._check_finite()
+        hparams = checkpoint.get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        hparams.pop("_class_path", None)
 
     # ------------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the prototype layer's gradients while it is frozen (before clipping)."""
-        if self.trainer.global_step < self._freeze_last_layer_steps:
+        if self.pretraining and self.trainer.global_step < self._freeze_last_layer_steps:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip each gradient tensor on its own (DINO) or, with ``clip_mode``, the global norm.
+
+        Per parameter: ``g *= min(1, clip / (||g|| + 1e-6))`` (DINO's ``clip_gradients``),
+        computed on the device without a host sync; a sharded (FSDP2) gradient's norm is its
+        full norm.
+        """
+        per_parameter = self.hparams.clip_mode == "per_parameter"
+        if not gradient_clip_val or not per_parameter or gradient_clip_algorithm == "value":
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    norm = torch.linalg.vector_norm(param.grad)
+                    param.grad.mul_((gradient_clip_val / (norm + 1e-6)).clamp(max=1.0))
 
     def optimizer_step(
         self,
@@ -394,6 +572,9 @@ class TerraFMPretrainModule(L.LightningModule):
         optimizer_closure: Any = None,
     ) -> None:
         """Set this step's lr and weight decay, step, then update the EMA teacher."""
+        if not self.pretraining:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+            return
         values = self.schedule_values(self.trainer.global_step)
         for group in optimizer.param_groups:
             group["lr"] = values["lr"] * group["lr_scale"]
