@@ -25,7 +25,8 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DistributedSampler
 
-from terrafm_lightning.store.format import consolidate, open_store, write_rows
+from terrafm_lightning.store.format import consolidate, open_store
+from terrafm_lightning.store.records import write_rows
 
 METADATA = ("grid_cell", "tile_index", "centre_lat", "centre_lon")
 

@@ -29,8 +29,10 @@ class TeacherLinearProbe(TerraFMPretrainModule):
         self.probe = nn.Linear(self.teacher.backbone.embed_dim, len(WORLDCOVER_CLASSES))
 
     def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:  # noqa: D102
+        b = len(batch["dominant_class"])  # the first global crop: rows 0..B-1
         with torch.no_grad():
-            cls = self.teacher.backbone(batch["global_crops"][0], batch["teacher_presence"][0])
+            crop = {m: x[:b] for m, x in batch["global_crops"].items()}
+            cls = self.teacher.backbone(crop, batch["teacher_presence"][:b])
         loss = F.cross_entropy(self.probe(cls), worldcover_index(batch["dominant_class"]))
         self.log("train/probe_loss", loss)
         return loss
