@@ -9,7 +9,6 @@ every rank holds the same features as one process would.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -18,9 +17,9 @@ from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from terrafm_lightning.eval.features import SplitFeatures, extract_features
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
-from terrafm_lightning.modalities import MODALITIES
 
 
 def knn_scores(
@@ -104,27 +103,9 @@ def score_metrics(
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """CLS features and labels of every batch, on the CPU; the backbone is put in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for batch in batches:
-        inputs = {m: batch[m].to(device) for m in MODALITIES if m in batch}
-        features.append(backbone(inputs).float().cpu())
-        labels.append(batch["label"])
-    backbone.train(was_training)
-    if not features:
-        raise ValueError("no batches to extract features from (empty dataset?)")
-    return torch.cat(features), torch.cat(labels)
-
-
 def gather_split_features(
     module: LightningModule, backbone: nn.Module, dataset: Dataset, batch_size: int
-) -> tuple[Tensor, Tensor]:
+) -> SplitFeatures:
     """Features and labels of a whole dataset, in dataset order, on every rank.
 
     Rank r extracts samples r, r + world, ...; the shards are padded to one length,
@@ -142,7 +123,7 @@ def gather_split_features(
     features = F.pad(features, (0, 0, 0, pad)).to(module.device)
     labels = F.pad(labels, (0, 0) * (labels.ndim - 1) + (0, pad)).to(module.device)
     gathered = [module.all_gather(t) for t in (features, labels)]  # (world, longest, ...)
-    return tuple(g.transpose(0, 1).flatten(0, 1)[: len(dataset)].cpu() for g in gathered)
+    return SplitFeatures(*(g.transpose(0, 1).flatten(0, 1)[: len(dataset)].cpu() for g in gathered))
 
 
 class KNNProbe(BackboneTask):
