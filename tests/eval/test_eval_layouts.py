@@ -134,8 +134,12 @@ def test_geobench_georeferenced_pickles_and_m_eurosat_order(tmp_path):
 @pytest.mark.parametrize("bucket", [True, False])
 def test_sen1floods11_bucket_and_flat_layouts(tmp_path, bucket):
     root = write_sen1floods11(tmp_path, n=5, size=16, bucket=bucket)
-    dm = Sen1Floods11DataModule(root, modalities=["s1", "s2_l1c"])
+    dm = Sen1Floods11DataModule(
+        root, modalities=["s1", "s2_l1c"], stats=identity_stats("s1", "s2_l1c")
+    )
     assert sizes(dm) == {"train": 3, "val": 1, "test": 1}
+    sample = dm.datasets["test"][0]
+    assert_band_codes(sample["s2_l1c"], BANDS["s2_l1c"], 0.5)  # half the chip is not water
 
 
 COPERNICUS = {

@@ -37,6 +37,10 @@ EUROSAT_FILE_BANDS = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A",
 )  # fmt: skip
 """EuroSAT-MS GeoTIFF band order as published (B8A last), written independently of the reader."""
+SEN1FLOODS11_S2 = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+)  # fmt: skip
+"""Sen1Floods11 S2Hand band order as documented (B8A after B08), independent of the reader."""
 EUROSAT_CLASS_ROOTS = {
     "torchgeo": "ds/images/remote_sensing/otherDatasets/sentinel_2/tif",
     "zenodo": "EuroSAT_MS",
@@ -322,7 +326,9 @@ def write_sen1floods11(
         s1 = np.where(water, -22.0, -8.0)[None].repeat(2, 0) + rng.normal(0, 0.5, (2, size, size))
         s1 = s1.astype(np.float32)
         s1[:, 0, 0] = np.nan
-        s2 = np.where(water, 300, 2500)[None].repeat(13, 0) + rng.integers(0, 50, (13, size, size))
+        # S2Hand: content-coded bands in the documented order, + label_step on non-water pixels.
+        s2 = coded_image(rng, SEN1FLOODS11_S2, 0, size, "float32")
+        s2 = (s2 + np.where(water, 0, label_step("B01"))).astype(np.uint16)
         write_tif(root / "S1Hand" / f"{chip}_S1Hand.tif", s1, nodata=np.nan)
         write_tif(root / "S2Hand" / f"{chip}_S2Hand.tif", s2.astype(np.uint16))
         write_tif(root / "LabelHand" / f"{chip}_LabelHand.tif", label[None], nodata=-1)
