@@ -86,6 +86,11 @@ def test_wrong_band_count_names_file_and_numbers(tmp_path):
     index = next(i for i, k in enumerate(dm.datasets["train"].keys) if k == bad)
     with pytest.raises(ValueError, match=r"Forest_1.tif: 12 bands, expected 13"):
         dm.datasets["train"][index]
+    write_tif(bad, np.zeros((13, 16, 16), dtype=np.float32))
+    with pytest.raises(
+        ValueError, match=r"Forest_1.tif: dtype float32, expected one of \['uint16'\]"
+    ):
+        dm.datasets["train"][index]
 
 
 @pytest.mark.parametrize("split_files", ["torchgeo", "official"])

@@ -17,7 +17,7 @@ Without them ``root`` is an error unless ``split_seed`` opts into a seeded rando
 
 Band order: from the files' band descriptions when set, else the documented order. EuroSAT-MS
 GeoTIFFs hold B01..B12 then B8A LAST (torchgeo ``EuroSAT.all_band_names``; the dataset
-authors' issue tracker, phelber/EuroSAT#7); EuroSAT-SAR holds VV, VH in dB.
+authors' issue tracker) as uint16 DN; EuroSAT-SAR holds VV, VH in dB.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class EuroSATDataModule(EvalDataModule):
     num_classes = len(EUROSAT_CLASSES)
     supported = ("s2_l1c", "s2_l2a")
     bands: tuple[str, ...] = EUROSAT_MS_BANDS
+    dtypes: tuple[str, ...] | None = ("uint16",)
     folders: tuple[str, ...] = (EuroSAT.base_dir, "EuroSAT_MS", ".")
     split_prefixes: tuple[str, ...] = ("eurosat",)
 
@@ -105,8 +106,7 @@ class EuroSATDataModule(EvalDataModule):
         return None
 
     def split_datasets(self) -> dict[str, Dataset]:  # noqa: D102
-        torchgeo_layout = self.images == self.root / EuroSAT.base_dir
-        if torchgeo_layout and self.bands == EUROSAT_MS_BANDS and self._split_files():
+        if self.images == self.root / EuroSAT.base_dir and self._split_files():
             return {
                 s: AdaptedDataset(EuroSAT(str(self.root), split=s), self._from_torchgeo)
                 for s in SPLITS
@@ -139,7 +139,7 @@ class EuroSATDataModule(EvalDataModule):
         return {s: [files[n] for n in ns] for s, ns in names.items()}
 
     def load(self, key: Path) -> Sample:  # noqa: D102
-        image, bands = read_tif_bands(key, self.bands)
+        image, bands = read_tif_bands(key, self.bands, self.dtypes)
         sample = {m: self.prepare(image, m, bands, str(key)) for m in self.modalities}
         sample["label"] = torch.tensor(EUROSAT_CLASSES.index(key.parent.name))
         return sample
@@ -150,6 +150,7 @@ class EuroSATSARDataModule(EuroSATDataModule):
 
     supported = ("s1",)
     bands = BANDS["s1"]
+    dtypes = None
     folders = ("all_imgs", "EuroSAT-SAR", ".")
     split_prefixes = ("eurosat", "eurosat-sar")
 
