@@ -29,20 +29,28 @@ demo: install
 	$(BIN)/python -m terrafm_lightning.demo.run --out $(DEMO_OUT) \
 		$(if $(filter 0,$(DUAL_CENTERING)),--no-dual-centering)
 
-# Downstream evaluation: kNN + linear probes on every dataset found under DATA, next to the
-# random-init baseline; results.md / results.json in EVAL_OUT. CKPT = pretraining checkpoint
-# (teacher), or RELEASED = TerraFM-B.pth (with BACKBONE=terrafm_large for TerraFM-L.pth).
+# Downstream evaluation: the paper's tables (kNN 100% / 1%, frozen probes, fine-tuning with
+# FINETUNE_EPOCHS > 0, segmentation probes) on every benchmark found under DATA, next to the
+# random-init baseline and the paper's TerraFM-B column; results.md / .json / .png in EVAL_OUT.
+# CKPT = pretraining checkpoint (teacher), or RELEASED = TerraFM-B.pth (with
+# BACKBONE=terrafm_large for TerraFM-L.pth). SEEDS = repeats for mean +- std.
 CKPT ?=
 RELEASED ?=
 BACKBONE ?= terrafm_base
 DATA ?= ../shared/data
 EVAL_OUT ?= outputs/eval
 EVAL_EPOCHS ?= 10
+FINETUNE_EPOCHS ?= 0
+SEEDS ?= 1
+# Opt-in seeded split for datasets that lack their official split files (e.g. the samples in DATA).
+SPLIT_SEED ?=
 
 eval: install
 	$(BIN)/python -m terrafm_lightning.eval.report \
 		$(if $(CKPT),--ckpt $(CKPT),--released $(RELEASED) --backbone $(BACKBONE)) \
-		--data $(DATA) --out $(EVAL_OUT) --epochs $(EVAL_EPOCHS)
+		--data $(DATA) --out $(EVAL_OUT) --epochs $(EVAL_EPOCHS) \
+		--finetune-epochs $(FINETUNE_EPOCHS) --seeds $(SEEDS) \
+		$(if $(SPLIT_SEED),--split-seed $(SPLIT_SEED))
 
 test: install
 	$(BIN)/pytest -q

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from terrafm_lightning.cli import main, run_cli
@@ -67,3 +68,22 @@ def test_segmentation_probe_links_ignore_index(tmp_path):
     cli = run_cli(["fit", *args])
     assert cli.model.hparams.ignore_index == -1 and cli.model.hparams.num_classes == 2
     assert "val/miou" in cli.trainer.callback_metrics
+
+
+def test_test_validate_predict_on_a_probe_checkpoint(tmp_path):
+    root = write_eurosat(tmp_path / "eurosat", per_class=2, size=16)
+    args = ["--config", str(EXPERIMENTS / "probe_linear_eurosat.yaml")]
+    args += ["--data.init_args.root", str(root), "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.img_size", "16", *TINY, "--trainer.logger", "false"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)]
+    cli = run_cli(["fit", *args, "--trainer.max_epochs", "1"])
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    assert "ignore_index" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    for command, metric in (("test", "test/top1"), ("validate", "val/top1")):
+        cli = run_cli([command, *args, "--ckpt_path", ckpt])
+        assert metric in cli.trainer.callback_metrics
+    cli = run_cli(["predict", *args, "--ckpt_path", ckpt, "--return_predictions", "true"])
+    outputs = cli.trainer.predict_loop.predictions
+    embeddings = torch.cat([o["embedding"] for o in outputs])
+    assert embeddings.shape == (10, cli.model.backbone.embed_dim)
+    assert torch.cat([o["label"] for o in outputs]).tolist() == list(range(10))

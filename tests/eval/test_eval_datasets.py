@@ -57,19 +57,19 @@ def test_eurosat_official_splits_labels_and_bands(tmp_path):
 def test_eurosat_errors_and_fallback_split(tmp_path):
     root = write_eurosat(tmp_path / "ms", per_class=3, size=16, split_files=False)
     with pytest.warns(UserWarning, match="no official split"):
-        EuroSATDataModule(root).setup()
+        EuroSATDataModule(root, split_seed=0).setup()
     shutil.rmtree(root / "River")
-    with pytest.raises(FileNotFoundError, match=r"missing EuroSAT class folders \['River'\]"):
+    with pytest.raises(FileNotFoundError, match=r"expected the ten EuroSAT class folders"):
         EuroSATDataModule(root)
     with pytest.raises(FileNotFoundError, match="dataset folder not found"):
         EuroSATDataModule(tmp_path / "nowhere")
     sar = write_eurosat(tmp_path / "sar", per_class=2, size=16, sar=True)
     with pytest.raises(ValueError, match="modality 's2_l1c' not in this dataset"):
         EuroSATSARDataModule(sar, modalities=["s2_l1c"])
-    (sar / "eurosat-sar-test.txt").write_text("Forest_99.tif\n")
+    (sar / "eurosat-test.txt").write_text("Forest_99.tif\n")
     with pytest.raises(FileNotFoundError, match="Forest_99"):
         EuroSATSARDataModule(sar).setup()
-    (sar / "eurosat-sar-test.txt").write_text("Forest_1.tif\n")
+    (sar / "eurosat-test.txt").write_text("Forest_1.tif\n")
     batch = first_batch(EuroSATSARDataModule(sar, batch_size=4), "test")
     assert batch["s1"].shape == (1, 2, 16, 16) and batch["label"].tolist() == [1]
     # A 13-band file in the SAR dataset is reported with its path.
@@ -141,15 +141,10 @@ def test_geobench_classification_segmentation_multilabel(tmp_path):
 
 
 def test_geobench_band_names_content_order_and_names():
-    # m-eurosat's names are shifted from B8A on; 13 bands are mapped by content order.
-    shifted = GEOBENCH_S2_NAMES[:8] + [
-        "09 - Water vapour",
-        "10 - SWIR - Cirrus",
-        "11 - SWIR",
-        "12 - SWIR",
-        "13 - ?",
-    ]
-    assert s2_band_names(shifted, "m-eurosat") == list(S2_L1C_ALL_BANDS)
+    # m-eurosat holds the EuroSAT file order (B8A last) under the standard names.
+    eurosat = s2_band_names(GEOBENCH_S2_NAMES, "m-eurosat", "eurosat")
+    assert eurosat[8:] == ["B09", "B10", "B11", "B12", "B8A"]
+    assert s2_band_names(GEOBENCH_S2_NAMES, "m-brick-kiln", "brick-kiln") == list(S2_L1C_ALL_BANDS)
     ten = [n for n in GEOBENCH_S2_NAMES if not n.startswith(("01", "09", "10"))]
     assert s2_band_names(ten, "x") == [
         "B02",
@@ -223,5 +218,5 @@ def test_sen1floods11_ignore_nan_and_splits(tmp_path):
     assert set(batch["label"].unique().tolist()) == {-1, 0, 1}
     assert (batch["label"][:, -2:] == -1).all()
     shutil.rmtree(root / "S2Hand")
-    with pytest.raises(FileNotFoundError, match=r"missing Sen1Floods11 folders \['S2Hand'\]"):
+    with pytest.raises(FileNotFoundError, match=r"expected Sen1Floods11 folders .*'S2Hand'"):
         Sen1Floods11DataModule(root, modalities=["s1", "s2_l1c"])

@@ -106,3 +106,21 @@ def test_knn_callback_logs_top1_every_n_epochs(eurosat):
     assert module.teacher.backbone.training  # restored after feature extraction
     with pytest.raises(ValueError, match="every_n_epochs"):
         KNNCallback(dm, every_n_epochs=0)
+
+
+@pytest.mark.slow
+def test_knn_bank_gathered_across_two_gloo_ranks_equals_one_process(tmp_path):
+    from tests.conftest import run_rank_script
+
+    write_eurosat(tmp_path / "eurosat", per_class=3, size=16)  # 20 train: 10 per rank
+    run_rank_script("knn_gather_run.py", tmp_path, 2)
+    run_rank_script("knn_gather_run.py", tmp_path, 1)
+    rank0, rank1, single = (
+        torch.load(tmp_path / f"devices{d}_rank{r}.pt", weights_only=True)
+        for d, r in ((2, 0), (2, 1), (1, 0))
+    )
+    assert single["features"].shape[0] == 20
+    for ranked in (rank0, rank1):
+        torch.testing.assert_close(ranked["features"], single["features"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(ranked["labels"], single["labels"])
+        assert ranked["metrics"]["val/knn/top1"] == pytest.approx(single["metrics"]["val/knn/top1"])

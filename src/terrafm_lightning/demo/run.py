@@ -35,10 +35,10 @@ from terrafm_lightning.demo import plots
 from terrafm_lightning.demo.evaluate import (
     VIEWS,
     knn_results,
-    linear_probe_results,
     tile_features,
 )
 from terrafm_lightning.demo.report import rare_class_accuracy, write_report
+from terrafm_lightning.eval.linear_probe import linear_probe_on_features
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
@@ -201,7 +201,7 @@ def evaluate(
             knn["rare_accuracy"] = rare_class_accuracy(
                 knn["per_class"], dm.classes, rare_classes(dm)
             )
-            linear = linear_probe_results(bank[view], queries[view], num_classes)
+            linear = linear_probe_on_features(bank[view], queries[view], num_classes)
             results[name][view] = {"knn": knn, "linear": linear}
             support[view] = torch.bincount(queries[view].labels, minlength=num_classes).tolist()
             print(

@@ -2,22 +2,24 @@
 
 Offline: :func:`knn_scores` / :func:`knn_evaluate` (features in, scores / metrics out) and the
 :class:`KNNProbe` module (``terrafm validate|test``). Online: :class:`KNNCallback` evaluates the
-pretraining teacher every N epochs.
+pretraining teacher every N epochs. Under DDP both extract the bank (and the callback its
+queries) on a 1/world shard per rank and ``all_gather`` them (:func:`gather_split_features`), so
+every rank holds the same features as one process would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from terrafm_lightning.eval.features import SplitFeatures, extract_features
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
-from terrafm_lightning.modalities import MODALITIES
 
 
 def knn_scores(
@@ -101,22 +103,27 @@ def score_metrics(
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu"
-) -> tuple[Tensor, Tensor]:
-    """CLS features and labels of every batch, on the CPU; the backbone is put in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for batch in batches:
-        inputs = {m: batch[m].to(device) for m in MODALITIES if m in batch}
-        features.append(backbone(inputs).float().cpu())
-        labels.append(batch["label"])
-    backbone.train(was_training)
-    if not features:
-        raise ValueError("no batches to extract features from (empty dataset?)")
-    return torch.cat(features), torch.cat(labels)
+def gather_split_features(
+    module: LightningModule, backbone: nn.Module, dataset: Dataset, batch_size: int
+) -> SplitFeatures:
+    """Features and labels of a whole dataset, in dataset order, on every rank.
+
+    Rank r extracts samples r, r + world, ...; the shards are padded to one length,
+    ``all_gather``-ed and interleaved back, which reproduces the single-process result.
+    """
+    world, rank = module.trainer.world_size, module.trainer.global_rank
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    features, labels = extract_features(
+        backbone, DataLoader(shard, batch_size=batch_size), module.device
+    )
+    if world == 1:
+        return features, labels
+    longest = -(-len(dataset) // world)
+    pad = longest - len(features)
+    features = F.pad(features, (0, 0, 0, pad)).to(module.device)
+    labels = F.pad(labels, (0, 0) * (labels.ndim - 1) + (0, pad)).to(module.device)
+    gathered = [module.all_gather(t) for t in (features, labels)]  # (world, longest, ...)
+    return SplitFeatures(*(g.transpose(0, 1).flatten(0, 1)[: len(dataset)].cpu() for g in gathered))
 
 
 class KNNProbe(BackboneTask):
@@ -150,8 +157,11 @@ class KNNProbe(BackboneTask):
         self.bank: tuple[Tensor, Tensor] | None = None
 
     def _build_bank(self) -> None:
-        loader = self.trainer.datamodule.train_dataloader()
-        features, labels = extract_features(self.backbone, loader, self.device)
+        dm = self.trainer.datamodule
+        dm.setup("fit")
+        features, labels = gather_split_features(
+            self, self.backbone, dm.datasets["train"], dm.batch_size
+        )
         self.bank = (features.to(self.device), labels.to(self.device))
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
@@ -212,8 +222,10 @@ class KNNCallback(Callback):
         teacher = getattr(pl_module, "teacher", None)
         backbone = teacher.backbone if teacher is not None else pl_module.backbone
         dm = self.datamodule
-        bank = extract_features(backbone, dm.train_dataloader(), pl_module.device)
-        queries = extract_features(backbone, dm.val_dataloader(), pl_module.device)
+        bank, queries = (
+            gather_split_features(pl_module, backbone, dm.datasets[s], dm.batch_size)
+            for s in ("train", "val")
+        )
         metrics = knn_evaluate(
             *bank,
             *queries,

@@ -1,4 +1,9 @@
-"""Linear probing: a linear classifier on frozen backbone features."""
+"""Linear probing: a linear classifier on frozen backbone features.
+
+Two forms: :class:`LinearProbe`, a LightningModule that runs the backbone on every batch (image
+augmentation, ``terrafm fit``), and :func:`linear_probe_on_features`, full-batch training on
+cached features (exact for a frozen backbone without augmentation; seconds on a CPU).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from terrafm_lightning.eval.features import SplitFeatures
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
 
@@ -78,3 +84,43 @@ class LinearProbe(BackboneTask):
         self.log(f"{stage}/loss", self.loss(logits, batch["label"]))
         scores = logits.sigmoid() if self.hparams.multilabel else logits
         self.metrics[stage].update(scores, batch["label"].long())
+
+
+def linear_probe_on_features(
+    train: SplitFeatures,
+    test: SplitFeatures,
+    num_classes: int,
+    multilabel: bool = False,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A linear classifier on frozen, standardised features; full-batch AdamW; test metrics.
+
+    Features are standardised with the training split's statistics; the head starts from
+    N(0, 0.01) weights drawn with ``seed``. Cross-entropy (multiclass) or binary cross-entropy
+    (multilabel); metrics of :func:`~terrafm_lightning.eval.metrics.classification_metrics`.
+    """
+    mean, std = train.features.mean(0), train.features.std(0).nan_to_num(1.0).clamp_min(1e-6)
+    x_train, x_test = (train.features - mean) / std, (test.features - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    head = nn.Linear(x_train.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(0.01 * torch.randn(head.weight.shape, generator=generator))
+        head.bias.zero_()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = head(x_train)
+        if multilabel:
+            F.binary_cross_entropy_with_logits(logits, train.labels.float()).backward()
+        else:
+            F.cross_entropy(logits, train.labels.long()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = head(x_test)
+        metrics = classification_metrics(num_classes, multilabel)
+        metrics.update(scores.sigmoid() if multilabel else scores, test.labels.long())
+        return {name: float(value) for name, value in metrics.compute().items()}

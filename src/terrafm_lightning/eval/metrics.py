@@ -10,6 +10,7 @@ from torchmetrics.classification import (
     MultilabelAveragePrecision,
     MultilabelF1Score,
 )
+from torchmetrics.wrappers import ClasswiseWrapper
 
 
 def classification_metrics(num_classes: int, multilabel: bool) -> MetricCollection:
@@ -35,10 +36,14 @@ def classification_metrics(num_classes: int, multilabel: bool) -> MetricCollecti
 
 
 def segmentation_metrics(num_classes: int, ignore_index: int | None) -> MetricCollection:
-    """Mean IoU and pixel accuracy, skipping ``ignore_index`` pixels."""
+    """Mean IoU, per-class IoU (``iou_<c>``) and pixel accuracy, skipping ``ignore_index``."""
     return MetricCollection(
         {
             "miou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
+            "iou": ClasswiseWrapper(
+                MulticlassJaccardIndex(num_classes, average="none", ignore_index=ignore_index),
+                prefix="iou_",
+            ),
             "pixel_acc": MulticlassAccuracy(
                 num_classes, average="micro", ignore_index=ignore_index
             ),

@@ -86,7 +86,7 @@ class SegmentationProbe(BackboneTask):
     ``head="linear"``: a 1x1 convolution on the final (normed) patch tokens, the paper's probe.
     ``head="upernet"``: :class:`UPerNetHead` on four blocks from ``forward_intermediates``
     (default: evenly spaced, the last block included). Loss: cross-entropy ignoring
-    ``ignore_index``; logs ``miou`` and ``pixel_acc``.
+    ``ignore_index``; logs ``miou``, ``iou_<class>`` and ``pixel_acc``.
 
     Args:
         num_classes: number of classes (linked from the datamodule).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -109,6 +110,27 @@ class BackboneTask(LightningModule):
         values = self.metrics[stage].compute()
         self.log_dict({f"{stage}/{self.metric_prefix}{k}": v for k, v in values.items()})
         self.metrics[stage].reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
+        """Frozen CLS embeddings ``(B, d)`` of a batch, with its labels (``terrafm predict``)."""
+        return {"embedding": self.backbone(self.inputs(batch)), "label": batch["label"]}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only hyper-parameters the class takes.
+
+        The CLI links every datamodule property (e.g. ``ignore_index``) into the model; a class
+        without that argument receives it in ``**kwargs`` of the config, and the saved value would
+        break ``terrafm test|validate --ckpt_path``, which re-instantiates from the saved hparams.
+        """
+        accepted = {
+            name
+            for cls in type(self).__mro__
+            if issubclass(cls, BackboneTask)
+            for name in inspect.signature(cls.__init__).parameters
+        }
+        hparams = checkpoint.get("hyper_parameters", {})
+        for key in [k for k in hparams if not k.startswith("_") and k not in accepted]:
+            del hparams[key]
 
     def on_validation_epoch_end(self) -> None:  # noqa: D102
         self._log_metrics("val")

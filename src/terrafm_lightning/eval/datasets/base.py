@@ -27,7 +27,12 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from terrafm_lightning.eval.band_mapping import BandMapping, MissingBands, map_bands
+from terrafm_lightning.eval.band_mapping import (
+    BandMapping,
+    MissingBands,
+    canonical_band,
+    map_bands,
+)
 from terrafm_lightning.modalities import check_modality
 
 log = logging.getLogger(__name__)
@@ -52,18 +57,45 @@ def resize(x: Tensor, size: int) -> Tensor:
     return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0]
 
 
+def _open_tif(path: Path) -> tuple[np.ndarray, list[str], str]:
+    try:
+        with rasterio.open(path) as src:
+            data = src.read(masked=src.nodata is not None)
+            descriptions = [d.strip() if d else "" for d in src.descriptions]
+            dtype = src.dtypes[0]
+    except rasterio.RasterioIOError as err:
+        raise ValueError(f"{path}: unreadable GeoTIFF ({err})") from err
+    return np.ma.filled(data.astype(np.float32), np.nan), descriptions, dtype
+
+
 def read_tif(path: Path) -> np.ndarray:
     """All bands of a GeoTIFF as (C, H, W) float32, nodata values as NaN.
 
     Raises:
         ValueError: naming the file when rasterio cannot read it.
     """
-    try:
-        with rasterio.open(path) as src:
-            data = src.read(masked=src.nodata is not None)
-    except rasterio.RasterioIOError as err:
-        raise ValueError(f"{path}: unreadable GeoTIFF ({err})") from err
-    return np.ma.filled(data.astype(np.float32), np.nan)
+    return _open_tif(path)[0]
+
+
+def read_tif_bands(
+    path: Path, documented: Sequence[str], dtypes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """A GeoTIFF as (C, H, W) float32 (nodata as NaN) and its band names.
+
+    Band names come from the file's band descriptions when every band has one, else from
+    ``documented`` (the dataset's published order). A band count that does not match, or a
+    dtype outside ``dtypes``, is an error naming the file and the numbers.
+
+    Raises:
+        ValueError: unreadable file, wrong band count or dtype.
+    """
+    data, descriptions, dtype = _open_tif(path)
+    if dtypes is not None and dtype not in dtypes:
+        raise ValueError(f"{path}: dtype {dtype}, expected one of {list(dtypes)}")
+    bands = [canonical_band(d) for d in descriptions] if all(descriptions) else list(documented)
+    if data.shape[0] != len(bands):
+        raise ValueError(f"{path}: {data.shape[0]} bands, expected {len(bands)} {bands}")
+    return data, bands
 
 
 def read_split_file(path: Path) -> list[str]:
@@ -77,12 +109,34 @@ def read_split_file(path: Path) -> list[str]:
     return names
 
 
+def layout_error(root: Path, expected: str) -> FileNotFoundError:
+    """The error of a root without the expected layout: what was expected, what is there."""
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:12]
+    return FileNotFoundError(f"{root}: expected {expected}; found {found or 'nothing'}")
+
+
 def fallback_split(
-    names: Sequence[str], seed: int, source: str, fractions: Sequence[float] = (0.6, 0.2, 0.2)
+    names: Sequence[str],
+    seed: int | None,
+    source: str,
+    expected: str,
+    fractions: Sequence[float] = (0.6, 0.2, 0.2),
 ) -> dict[str, list[str]]:
-    """Deterministic random 60/20/20 split, with a warning that no official split was found."""
+    """Seeded random 60/20/20 split, only on the user's opt-in (``split_seed``), with a warning.
+
+    Raises:
+        FileNotFoundError: naming the ``expected`` official split files when ``seed`` is None.
+    """
+    if seed is None:
+        raise FileNotFoundError(
+            f"{source}: official split files {expected} not found; put them there, or pass "
+            "split_seed=<int> to use a seeded random 60/20/20 split (not comparable with "
+            "published results)"
+        )
     warnings.warn(
-        f"{source}: no official split files; using a seeded {fractions} split", stacklevel=2
+        f"{source}: no official split files ({expected}); using a seeded {tuple(fractions)} "
+        f"split (split_seed={seed})",
+        stacklevel=2,
     )
     order = sorted(names)
     random.Random(seed).shuffle(order)
@@ -109,11 +163,25 @@ class SampleDataset(Dataset):
         return self.load(self.keys[index])
 
 
+class AdaptedDataset(Dataset):
+    """A dataset of another library (torchgeo) whose samples ``convert`` maps to ours."""
+
+    def __init__(self, dataset: Dataset, convert: Callable[[dict[str, Tensor]], Sample]) -> None:
+        self.dataset = dataset
+        self.convert = convert
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.convert(self.dataset[index])
+
+
 class EvalDataModule(LightningDataModule):
     """Base of the benchmark datamodules.
 
     Subclasses set ``num_classes``, ``multilabel``, ``task``, ``ignore_index`` in ``__init__``
-    and implement :meth:`split_keys` and :meth:`load`.
+    and implement :meth:`split_keys` and :meth:`load`, or :meth:`split_datasets` (torchgeo).
 
     Args:
         root: dataset folder.
@@ -125,7 +193,9 @@ class EvalDataModule(LightningDataModule):
             :mod:`~terrafm_lightning.eval.band_mapping`).
         stats: per-modality ``{"mean", "std"}`` in stem band order (default: SSL4EO-S12, the
             pretraining default; pass the pretraining store's statistics when they differ).
-        seed: seed of the fallback split when no official split files exist.
+        seed: seed of the training loader's shuffling.
+        split_seed: opt-in seeded random split when a dataset that ships split files has none
+            at ``root`` (default None: that is an error).
     """
 
     task: Task = "classification"
@@ -144,6 +214,7 @@ class EvalDataModule(LightningDataModule):
         missing_bands: MissingBands = "error",
         stats: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         seed: int = 0,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -165,7 +236,8 @@ class EvalDataModule(LightningDataModule):
         self.missing_bands = missing_bands
         self.stats = dict(stats or {})
         self.seed = seed
-        self.datasets: dict[str, SampleDataset] = {}
+        self.split_seed = split_seed
+        self.datasets: dict[str, Dataset] = {}
         self._mappings: dict[tuple[str, tuple[str, ...]], BandMapping] = {}
 
     @property
@@ -199,14 +271,18 @@ class EvalDataModule(LightningDataModule):
         """One sample: ``{modality: (C, S, S), "label": ...}``."""
         raise NotImplementedError
 
+    def split_datasets(self) -> dict[str, Dataset]:
+        """The ``train``, ``val``, ``test`` datasets (default: :meth:`split_keys`, :meth:`load`)."""
+        return {split: SampleDataset(keys, self.load) for split, keys in self.split_keys().items()}
+
     def setup(self, stage: str | None = None) -> None:
         """Resolve the splits (once) and check none is empty."""
         if self.datasets:
             return
-        for split, keys in self.split_keys().items():
-            if not keys:
+        for split, dataset in self.split_datasets().items():
+            if not len(dataset):
                 raise ValueError(f"{type(self).__name__}: split {split!r} of {self.root} is empty")
-            self.datasets[split] = SampleDataset(keys, self.load)
+            self.datasets[split] = dataset
         log.info("%s: %s", type(self).__name__, {s: len(d) for s, d in self.datasets.items()})
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
@@ -227,4 +303,8 @@ class EvalDataModule(LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:  # noqa: D102
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order (``terrafm predict`` returns its embeddings)."""
         return self._loader("test")

@@ -1,13 +1,22 @@
-"""BigEarthNet v1 (S2 L2A and S1 patch folders) with the 19-class nomenclature.
+"""BigEarthNet v1 and v2 (S2 L2A and/or S1) with the 19-class nomenclature; layout detected.
 
-Layout: ``root`` holds an S2 folder (patch folders with ``<patch>_B01.tif`` ... ``_B12.tif`` and
-``<patch>_labels_metadata.json``; e.g. ``BigEarthNet-v1.0``) and/or an S1 folder (patch folders
-with ``<patch>_VV.tif``, ``<patch>_VH.tif`` and a metadata JSON naming its
-``corresponding_s2_patch``; e.g. ``BigEarthNet-S1-v1.0``); both are found by content. Official
-splits: ``{train,val,test}.csv`` in ``root`` listing S2 patch names (first column); otherwise a
-seeded 60/20/20 split with a warning. S2 bands at 20 m and 60 m are resampled bilinearly to the
-10 m grid (120 px) before stacking. The 43 CORINE labels map to the 19 classes of Sumbul et al.
-(2021); the labels without a 19-class counterpart (e.g. airports, burnt areas) are dropped.
+v1 (own reader; torchgeo's ``BigEarthNet`` needs all of S1, S2 and its split files even for one
+sensor): ``root`` holds an S2 folder (patch folders with ``<patch>_B01.tif`` ... ``_B12.tif`` and
+``<patch>_labels_metadata.json``; ``BigEarthNet-v1.0`` in the official tarball) and/or an S1
+folder (patch folders with ``<patch>_VV.tif``, ``<patch>_VH.tif`` and a metadata JSON naming its
+``corresponding_s2_patch``; ``BigEarthNet-S1-v1.0``); both are found by content, and S1 metadata
+is only read when S1 is requested. Splits: torchgeo's ``bigearthnet-{train,val,test}.csv``
+(``<s2 patch>,<s1 patch>`` rows) or the official ``{train,val,test}.csv`` (S2 patch names) in
+``root``; none is an error unless ``split_seed`` is given. Band order is by file name; S2 bands
+at 20 m and 60 m are resampled bilinearly to the 10 m grid (120 px) before stacking. The 43
+CORINE labels map to the 19 classes of Sumbul et al. (2021); labels without a 19-class
+counterpart (e.g. airports, burnt areas) are dropped.
+
+v2 (``metadata.parquet`` in ``root``, the official reBEN release as torchgeo's
+``BigEarthNetV2`` expects it: ``BigEarthNet-S1/``, ``BigEarthNet-S2/``, ``Reference_Maps/``):
+read through torchgeo, whose labels are already the 19 classes and whose split is the
+parquet's ``split`` column. torchgeo stacks a patch's band files sorted by name, so S1 comes as
+(VH, VV) and S2 as B01..B08, B8A, B09, B11, B12 (``sort_sentinel2_bands``).
 """
 
 from __future__ import annotations
@@ -19,12 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchgeo.datasets import BigEarthNetV2
 
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
+    AdaptedDataset,
     EvalDataModule,
     Sample,
     fallback_split,
+    layout_error,
     read_split_file,
     read_tif,
     resize,
@@ -101,6 +115,9 @@ CORINE_TO_BEN19: dict[str, int | None] = {
 }
 """The 43 BigEarthNet v1 CORINE labels -> 19-class index (None: no counterpart, dropped)."""
 
+V2_BANDS = {"s1": ("VH", "VV"), "s2_l2a": BANDS["s2_l2a"]}
+"""Band order of torchgeo's ``BigEarthNetV2`` images (band files sorted by name)."""
+
 S2_NATIVE_SIZE = 120
 """BigEarthNet patches are 120x120 px at 10 m."""
 
@@ -153,33 +170,60 @@ class BigEarthNetDataModule(EvalDataModule):
         self, root: str | Path, modalities: Sequence[str] = ("s2_l2a",), **kwargs: Any
     ) -> None:
         super().__init__(root, modalities, **kwargs)
+        self.version = 2 if (self.root / "metadata.parquet").is_file() else 1
+        self.s1: dict[str, Path] = {}
+        if self.version == 2:
+            needed = [BigEarthNetV2.dir_file_names[k] for k in ("s1", "s2", "maps")]
+            absent = [n for n in needed if not (self.root / n).exists()]
+            if absent:
+                raise layout_error(self.root, f"BigEarthNet v2 folders {needed} (missing {absent})")
+            return
         self.s2 = patch_folders(self.root, "_B02.tif")
-        s1 = patch_folders(self.root, "_VV.tif")
-        if (self.s2 is None and "s2_l2a" in self.modalities) or (s1 is None and "s1" in modalities):
-            raise FileNotFoundError(
-                f"{self.root}: no BigEarthNet {'S2' if self.s2 is None else 'S1'} patch folders "
-                "(sub-folders of patch folders with <patch>_B02.tif / <patch>_VV.tif)"
+        s1 = patch_folders(self.root, "_VV.tif") if "s1" in self.modalities else {}
+        if (self.s2 is None and "s2_l2a" in self.modalities) or s1 is None:
+            raise layout_error(
+                self.root,
+                f"BigEarthNet {'S2' if self.s2 is None else 'S1'} patch folders (a folder of "
+                "<patch>/<patch>_B02.tif or <patch>/<patch>_VV.tif), or metadata.parquet (v2)",
             )
         # S1 patches are keyed by the S2 patch they pair with.
-        self.s1: dict[str, Path] = {}
         for name, folder in (s1 or {}).items():
             meta = _read_json(folder / f"{name}_labels_metadata.json")
             self.s1[meta.get("corresponding_s2_patch", name)] = folder
+
+    def split_datasets(self) -> dict[str, Dataset]:  # noqa: D102
+        if self.version == 1:
+            return super().split_datasets()
+        bands = "all" if len(self.modalities) == 2 else {"s1": "s1"}.get(self.modalities[0], "s2")
+        return {
+            s: AdaptedDataset(BigEarthNetV2(str(self.root), split=s, bands=bands), self._from_v2)
+            for s in SPLITS
+        }
+
+    def _from_v2(self, sample: dict[str, Tensor]) -> Sample:
+        out: Sample = {}
+        for m in self.modalities:
+            key = "image" if len(self.modalities) == 1 else f"image_{m[:2]}"
+            out[m] = self.prepare(sample[key].numpy(), m, V2_BANDS[m], "BigEarthNet v2")
+        out["label"] = sample["label"].float()
+        return out
 
     def split_keys(self) -> dict[str, list[str]]:  # noqa: D102
         available = set(self.s2 if self.s2 is not None else self.s1)
         if "s1" in self.modalities:
             available &= set(self.s1)
-        csvs = [self.root / f"{s}.csv" for s in SPLITS]
-        if all(f.is_file() for f in csvs):
-            names = {s: read_split_file(f) for s, f in zip(SPLITS, csvs, strict=True)}
-            absent = sorted({n for ns in names.values() for n in ns} - available)
-            if absent:
-                raise FileNotFoundError(
-                    f"{self.root}: {len(absent)} split patches not found, e.g. {absent[:3]}"
-                )
-            return names
-        return fallback_split(sorted(available), self.seed, str(self.root))
+        for pattern in ("bigearthnet-{}.csv", "{}.csv"):
+            csvs = [self.root / pattern.format(s) for s in SPLITS]
+            if all(f.is_file() for f in csvs):
+                names = {s: read_split_file(f) for s, f in zip(SPLITS, csvs, strict=True)}
+                absent = sorted({n for ns in names.values() for n in ns} - available)
+                if absent:
+                    raise FileNotFoundError(
+                        f"{self.root}: {len(absent)} split patches not found, e.g. {absent[:3]}"
+                    )
+                return names
+        expected = f"{self.root}/bigearthnet-{{train,val,test}}.csv or {{train,val,test}}.csv"
+        return fallback_split(sorted(available), self.split_seed, str(self.root), expected)
 
     def _s2_image(self, folder: Path) -> np.ndarray:
         bands = []

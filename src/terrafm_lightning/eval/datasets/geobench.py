@@ -3,15 +3,19 @@
 Layout: a task folder (e.g. ``classification_v1.0/m-eurosat``) with one ``<sample>.hdf5`` per
 sample (one 2-D dataset per band, a ``label`` dataset for segmentation), ``band_stats.json`` and
 ``default_partition.json`` (``{"train": [...], "valid": [...], "test": [...]}``; other
-partitions such as ``0.01x_train`` via ``partition``). Sample metadata (classification label,
-band order, band kinds) is a pickle in the file's ``pickle`` attribute; it is read with a
-restricted unpickler that builds no GEO-Bench class and runs no code.
+partitions such as ``0.01x_train`` via ``partition``). ``root`` may also be the GEO-Bench root
+holding ``classification_v1.0/`` and ``segmentation_v1.0/`` with ``task=`` naming the task.
+Sample metadata (classification label, band order, band kinds, and for georeferenced tasks the
+``affine.Affine`` transform and ``rasterio.crs.CRS``) is a pickle in the file's ``pickle``
+attribute, read with a restricted unpickler: GEO-Bench's own classes become inert records,
+numpy arrays, dates, ``Affine`` and ``CRS`` are built, and every other global is refused.
 
-Bands: only Sentinel-2 bands are used (their metadata class is ``Sentinel2``). With all 13 S2
-bands they are mapped by content order (B01..B08, B8A, B09, B10, B11, B12) because m-eurosat's
-band names are off by one from B8A on; otherwise by the number in their names ("08A - ..." ->
-B8A). Known tasks (table below) set ``num_classes``, multilabel and the stem; others need
-``num_classes``.
+Bands: only Sentinel-2 bands are used (their metadata class is ``Sentinel2``), mapped by the
+number in their names ("08A - ..." -> B8A). m-eurosat is the exception: geo-bench's converter
+copied the EuroSAT GeoTIFF bands in file order (B01..B12, B8A last; see
+:data:`~terrafm_lightning.eval.datasets.eurosat.EUROSAT_MS_BANDS`) under the standard names, so
+its 13 bands take the EuroSAT order. Known tasks (table below) set ``num_classes``, multilabel
+and the stem; others need ``num_classes``.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import numpy as np
 import torch
 
 from terrafm_lightning.eval.band_mapping import canonical_band
-from terrafm_lightning.eval.datasets.base import EvalDataModule, Sample
-from terrafm_lightning.modalities import S2_L1C_ALL_BANDS
+from terrafm_lightning.eval.datasets.base import EvalDataModule, Sample, layout_error
+from terrafm_lightning.eval.datasets.eurosat import EUROSAT_MS_BANDS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,11 @@ _SAFE_GLOBALS = {
     ("numpy._core.multiarray", "scalar"),
     ("datetime", "date"),
     ("datetime", "datetime"),
+    ("affine", "Affine"),
+    ("rasterio.crs", "CRS"),
 }
+GEOBENCH_FOLDERS = ("classification_v1.0", "segmentation_v1.0")
+"""Sub-folders of a GEO-Bench v1 download (``geobench.download``) holding the task folders."""
 
 
 class _Record:
@@ -117,10 +125,10 @@ def _pickle_bytes(attr: Any) -> bytes:
     return ast.literal_eval(attr) if isinstance(attr, str) else bytes(attr)
 
 
-def s2_band_names(names: Sequence[str], source: str) -> list[str]:
-    """Stem band names of GEO-Bench S2 bands (content order for 13 bands, else by number)."""
-    if len(names) == len(S2_L1C_ALL_BANDS):
-        return list(S2_L1C_ALL_BANDS)
+def s2_band_names(names: Sequence[str], source: str, task: str = "") -> list[str]:
+    """Stem band names of GEO-Bench S2 bands: by number, m-eurosat in EuroSAT file order."""
+    if task == "eurosat" and len(names) == len(EUROSAT_MS_BANDS):
+        return list(EUROSAT_MS_BANDS)
     parsed = []
     for name in names:
         match = _BAND_NUMBER.match(name)
@@ -134,7 +142,9 @@ class GeoBenchDataModule(EvalDataModule):
     """A GEO-Bench v1 classification or segmentation task from its HDF5 folder.
 
     Args:
-        root: the task folder.
+        root: the task folder, or the GEO-Bench root with ``task``.
+        task: task folder name (e.g. ``m-eurosat``) under ``root/classification_v1.0`` or
+            ``root/segmentation_v1.0``; None: ``root`` is the task folder.
         modalities: the S2 stem (default from the task table, else ``s2_l1c``).
         partition: partition file prefix (``default`` -> ``default_partition.json``).
         num_classes: required for tasks not in :data:`GEOBENCH_TASKS`.
@@ -147,15 +157,26 @@ class GeoBenchDataModule(EvalDataModule):
     def __init__(
         self,
         root: str | Path,
+        task: str | None = None,
         modalities: Sequence[str] | None = None,
         partition: str = "default",
         num_classes: int | None = None,
         ignore_index: int | None = None,
         **kwargs: Any,
     ) -> None:
-        known = GEOBENCH_TASKS.get(task_key(Path(root)))
+        if task is not None:
+            found = [
+                Path(root) / f / task for f in GEOBENCH_FOLDERS if (Path(root) / f / task).is_dir()
+            ]
+            if not found:
+                raise layout_error(Path(root), f"{[f'{f}/{task}' for f in GEOBENCH_FOLDERS]}")
+            root = found[0]
+        self.key = task_key(Path(root))
+        known = GEOBENCH_TASKS.get(self.key)
         super().__init__(root, modalities or [known[2] if known else "s2_l1c"], **kwargs)
         path = self.root / f"{partition}_partition.json"
+        if partition == "default" and not path.is_file():
+            raise layout_error(self.root, "a GEO-Bench v1 task folder with default_partition.json")
         try:
             partition_data = json.loads(path.read_text())
             self.partition = {s: list(partition_data[k]) for s, k in _SPLIT_KEYS.items()}
@@ -188,7 +209,7 @@ class GeoBenchDataModule(EvalDataModule):
     def load(self, key: Path) -> Sample:  # noqa: D102
         arrays, label, names = read_sample(key)
         image = np.stack([arrays[n] for n in names])
-        bands = s2_band_names(names, str(key))
+        bands = s2_band_names(names, str(key), self.key)
         sample = {m: self.prepare(image, m, bands, str(key)) for m in self.modalities}
         label = torch.as_tensor(np.asarray(label))
         sample["label"] = label.float() if self.multilabel else label.long()

@@ -1,10 +1,14 @@
 """Sen1Floods11 hand-labelled chips: water segmentation from S1 and/or S2 L1C.
 
-Layout: ``root/S1Hand/<chip>_S1Hand.tif`` (VV, VH in dB, NaN nodata), ``root/S2Hand/
-<chip>_S2Hand.tif`` (13 L1C bands), ``root/LabelHand/<chip>_LabelHand.tif`` (1 water,
-0 not water, -1 no data: ignored). Official splits: ``flood_{train,valid,test}_data.csv``
-(first column ``<chip>_S1Hand.tif``) in ``root`` or ``root/splits``; otherwise a seeded
-60/20/20 split with a warning. NaN S1 pixels become the band mean (0 after normalisation).
+Layout (torchgeo has no Sen1Floods11 class; this follows the official ``gs://sen1floods11``
+bucket, cloudtostreet/Sen1Floods11 README): ``root`` is the bucket copy (holding ``v1.1/``),
+its ``v1.1`` folder, or the hand-labelled folder itself. Chips:
+``v1.1/data/flood_events/HandLabeled/{S1Hand,S2Hand,LabelHand}/<chip>_<folder>.tif`` (S1 VV, VH
+in dB with NaN nodata; S2 the 13 L1C bands B01..B12 with B8A after B08, the dataset's documented
+order; label 1 water, 0 not water, -1 no data: ignored). Official hand-labelled splits:
+``v1.1/splits/flood_handlabeled/flood_{train,valid,test}_data.csv`` (first column
+``<chip>_S1Hand.tif``), also found in the hand-labelled folder or its ``splits/``; none is an
+error unless ``split_seed`` is given. NaN S1 pixels become the band mean (0 after normalisation).
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from terrafm_lightning.eval.datasets.base import (
     EvalDataModule,
     Sample,
     fallback_split,
+    layout_error,
     read_split_file,
     read_tif,
+    read_tif_bands,
 )
 from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS
 
 _FOLDERS = {"s1": ("S1Hand", BANDS["s1"]), "s2_l1c": ("S2Hand", S2_L1C_ALL_BANDS)}
+_HAND = Path("data", "flood_events", "HandLabeled")
+_SPLITS = Path("splits", "flood_handlabeled")
 _SPLIT_FILES = {
     "train": "flood_train_data.csv",
     "val": "flood_valid_data.csv",
@@ -51,21 +59,24 @@ class Sen1Floods11DataModule(EvalDataModule):
     ) -> None:
         super().__init__(root, modalities, **kwargs)
         needed = ["LabelHand"] + [_FOLDERS[m][0] for m in self.modalities]
-        absent = [f for f in needed if not (self.root / f).is_dir()]
-        if absent:
-            raise FileNotFoundError(f"{self.root}: missing Sen1Floods11 folders {absent}")
+        bases = [self.root / "v1.1", self.root]
+        candidates = [b / _HAND for b in bases] + [self.root]
+        self.chips = next((c for c in candidates if all((c / f).is_dir() for f in needed)), None)
+        if self.chips is None:
+            raise layout_error(self.root, f"Sen1Floods11 folders {needed} under v1.1/{_HAND}")
+        self.split_dirs = [b / _SPLITS for b in bases] + [self.chips, self.chips / "splits"]
 
     def _path(self, folder: str, chip: str) -> Path:
-        return self.root / folder / f"{chip}_{folder}.tif"
+        return self.chips / folder / f"{chip}_{folder}.tif"
 
     def split_keys(self) -> dict[str, list[str]]:  # noqa: D102
         chips = sorted(
             p.name.removesuffix("_LabelHand.tif")
-            for p in (self.root / "LabelHand").glob("*_LabelHand.tif")
+            for p in (self.chips / "LabelHand").glob("*_LabelHand.tif")
         )
         if not chips:
-            raise FileNotFoundError(f"{self.root / 'LabelHand'}: no *_LabelHand.tif chips")
-        for where in (self.root, self.root / "splits"):
+            raise FileNotFoundError(f"{self.chips / 'LabelHand'}: no *_LabelHand.tif chips")
+        for where in self.split_dirs:
             files = {s: where / f for s, f in _SPLIT_FILES.items()}
             if all(f.is_file() for f in files.values()):
                 names = {
@@ -74,7 +85,8 @@ class Sen1Floods11DataModule(EvalDataModule):
                 }
                 break
         else:
-            names = fallback_split(chips, self.seed, str(self.root))
+            expected = str(self.root / "v1.1" / _SPLITS / "flood_{train,valid,test}_data.csv")
+            names = fallback_split(chips, self.split_seed, str(self.root), expected)
         absent = sorted({c for cs in names.values() for c in cs} - set(chips))
         if absent:
             raise FileNotFoundError(
@@ -89,7 +101,8 @@ class Sen1Floods11DataModule(EvalDataModule):
             path = self._path(folder, key)
             if not path.is_file():
                 raise FileNotFoundError(f"Sen1Floods11 chip file not found: {path}")
-            sample[m] = self.prepare(read_tif(path), m, bands, str(path))
+            image, names = read_tif_bands(path, bands)
+            sample[m] = self.prepare(image, m, names, str(path))
         label = read_tif(self._path("LabelHand", key))[0]
         sample["label"] = torch.from_numpy(label).nan_to_num(nan=-1).long()
         return sample
