@@ -79,7 +79,7 @@ def test_linear_probe_learns_with_a_frozen_backbone(eurosat, tmp_path):
     probe.train()
     assert not probe.backbone.training and probe.head.training  # norms / drop-path in eval
     assert not any(p.requires_grad for p in probe.backbone.parameters())
-    t = trainer(epochs=15, check_val_every_n_epoch=15)
+    t = trainer(epochs=40, check_val_every_n_epoch=40)
     t.fit(probe, datamodule=dm)
     test = t.test(probe, datamodule=dm, verbose=False)[0]
     assert all(torch.equal(before[k], v) for k, v in probe.backbone.state_dict().items())

@@ -63,6 +63,8 @@ def tiny_module(**overrides: Any) -> TerraFMPretrainModule:
         "head_bottleneck_dim": 16,
         "high_frequency_classes": [10, 30],
         "warmup_epochs": 0.0,
+        # Per 256 samples: a peak lr of 5e-4 at the global batch of 8.
+        "lr": 5e-4 * 256 / GLOBAL_BATCH,
     }
     return TerraFMPretrainModule("terrafm_tiny", {"depth": 2}, **{**settings, **overrides})
 
