@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -191,17 +192,23 @@ def _export_main(argv: list[str]) -> None:
 
 
 def run_cli(args: list[str] | None = None) -> TerraFMCLI:
-    """Run the LightningCLI on ``args`` (subcommand first; default ``sys.argv``), return it."""
+    """Run the LightningCLI on ``args`` (subcommand first; default ``sys.argv``), return it.
+
+    Python callers (the demo, notebooks) pass ``args`` while their own process has options in
+    ``sys.argv``; Lightning's warning against mixing the two does not apply to them.
+    """
     one_line = {"exit_on_error": False}
-    return TerraFMCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={**one_line, **dict.fromkeys(SUBCOMMANDS, one_line)},
-        args=args,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return TerraFMCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**one_line, **dict.fromkeys(SUBCOMMANDS, one_line)},
+            args=args,
+        )
 
 
 def _message(err: BaseException, argv: list[str]) -> str:

@@ -252,8 +252,12 @@ class MultiCrop(nn.Module):
         out.update({key: batch[key] for key in PASSTHROUGH_KEYS if key in batch})
         return out
 
-    def whole_tiles(self, batch: Mapping[str, Tensor]) -> TileView:
-        """Evaluation view: whole tiles normalised and resized to the global size, all modalities.
+    def whole_tiles(self, batch: Mapping[str, Tensor], size: int | None = None) -> TileView:
+        """Evaluation view: whole tiles normalised and resized, every available modality.
+
+        Args:
+            batch: a CPU-layout tile batch (``TileBatch``) on the device.
+            size: output side in pixels (a multiple of 16); the global crop size by default.
 
         Returns:
             ``inputs`` (modality -> (B, C, S, S)), ``presence`` (B, 3) and the pass-through keys.
@@ -264,7 +268,9 @@ class MultiCrop(nn.Module):
         box = torch.tensor([[0.0, 0.0, width, height]], device=reference.device)
         boxes = box.expand(batch_size, 4)
         out: TileView = {
-            "inputs": {m: crop_resize(x, boxes, self.global_size) for m, x in tiles.items()},
+            "inputs": {
+                m: crop_resize(x, boxes, size or self.global_size) for m, x in tiles.items()
+            },
             "presence": batch["available"].bool() & self.modality_mask,
         }
         out.update({key: batch[key] for key in PASSTHROUGH_KEYS if key in batch})

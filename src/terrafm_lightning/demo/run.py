@@ -18,19 +18,19 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import timm
 import torch
+import xarray as xr
+from torch.utils.data import DataLoader
 
 from terrafm_lightning.cli import run_cli
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.multicrop import crop_resize
+from terrafm_lightning.data.reader import collate_tile_batch
 from terrafm_lightning.demo import plots
 from terrafm_lightning.demo.evaluate import (
     VIEWS,
@@ -42,7 +42,6 @@ from terrafm_lightning.eval.linear_probe import linear_probe_on_features
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
-from terrafm_lightning.store.format import open_store
 
 RGB_BANDS = ("B04", "B03", "B02")
 PCA_SCALE = 2
@@ -132,9 +131,7 @@ def pretrain(args: argparse.Namespace, store: Path) -> Any:
     if args.depth is not None:
         command += ["--model.init_args.backbone_kwargs.depth", str(args.depth)]
     print("$ terrafm " + " ".join(command), flush=True)
-    # LightningCLI warns when both ``args`` and ``sys.argv`` hold options: hide the demo's own.
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return run_cli(command)
+    return run_cli(command)
 
 
 def random_backbone(name: str, kwargs: dict[str, Any], seed: int) -> TerraFM:
@@ -157,11 +154,12 @@ def pca_figure(
             picked.append(k)
             seen.add(dataset.dominant_class[k])
     picked = (picked + [k for k in order if k not in picked])[:n]
-    batch = torch.utils.data.default_collate([dataset[int(k)] for k in picked])
-    tiles = dm.multicrop.normalise(batch)
-    size = PCA_SCALE * next(iter(tiles.values())).shape[-1]
-    boxes = torch.tensor([[0.0, 0.0, size / PCA_SCALE, size / PCA_SCALE]]).expand(len(picked), 4)
-    inputs = {m: crop_resize(x, boxes, size) for m, x in tiles.items()}
+    loader = DataLoader(
+        dataset, batch_size=len(picked), sampler=picked, collate_fn=collate_tile_batch
+    )
+    batch = next(iter(loader))
+    size = PCA_SCALE * next(batch[m] for m in MODALITIES if m in batch).shape[-1]
+    inputs = dm.multicrop.whole_tiles(batch, size=size)["inputs"]
     grid = size // 16
     maps = {}
     for name, backbone in backbones.items():
@@ -175,9 +173,8 @@ def pca_figure(
     l2a = batch["s2_l2a"].float().numpy()
     rgb_bands = [BANDS["s2_l2a"].index(b) for b in RGB_BANDS]
     true_colour = np.clip(l2a[:, rgb_bands].transpose(0, 2, 3, 1) / 10000 * 3.5, 0, 1)
-    worldcover = open_store(str(store))["worldcover"]
     indices = batch["index"].tolist()
-    classes = np.stack([worldcover[i] for i in indices])
+    classes = xr.open_zarr(store)["worldcover"].isel(sample=indices).values
     dominant = batch["dominant_class"].tolist()
     titles = [f"tile {i}\ndominant {c}" for i, c in zip(indices, dominant, strict=True)]
     return plots.plot_pca_maps(true_colour, classes, maps, titles, out)
