@@ -46,6 +46,7 @@ SEEDS ?= 1
 SPLIT_SEED ?=
 
 eval: install
+	@test -n "$(CKPT)$(RELEASED)" || { echo "make eval: give CKPT=<pretraining .ckpt> or RELEASED=<TerraFM-B.pth>"; exit 2; }
 	$(BIN)/python -m terrafm_lightning.eval.report \
 		$(if $(CKPT),--ckpt $(CKPT),--released $(RELEASED) --backbone $(BACKBONE)) \
 		--data $(DATA) --out $(EVAL_OUT) --epochs $(EVAL_EPOCHS) \
