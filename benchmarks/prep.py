@@ -107,7 +107,6 @@ STAGES = {
         "linear_to_db",
         "harmonise_s2",
         "to_store_dtype",
-        "select_bands",
         "nodata_mask",
     ),
     "tile metadata": ("sample_record", "tile_centre"),

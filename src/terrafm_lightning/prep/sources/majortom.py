@@ -146,7 +146,7 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
     Binary values come back as zero-copy ``pyarrow`` buffers, other values as Python objects.
     """
     try:
-        meta = pq.ParquetFile(file)
+        meta = pq.ParquetFile(file, memory_map=True)  # no copy of the file bytes (~30% CPU)
         start = 0
         for group in range(meta.num_row_groups):
             rows = meta.metadata.row_group(group).num_rows
@@ -225,7 +225,7 @@ def majortom_sample(
                 f"{sources[m]['file']} row {sources[m]['row']} ({cells[cell]['_cell']}): "
                 f"{data.shape[1:]} px, expected {shape}"
             )
-        pixels[m] = np.ascontiguousarray(data[:, rows, cols])
+        pixels[m] = data[:, rows, cols]  # a view: the shard write makes the one copy
     return Sample(
         pixels=pixels,
         grid_cell=cells[cell]["_cell"],
