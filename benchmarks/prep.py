@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import pstats
 import statistics
@@ -107,7 +106,6 @@ STAGES = {
         "linear_to_db",
         "harmonise_s2",
         "to_store_dtype",
-        "select_bands",
         "nodata_mask",
     ),
     "tile metadata": ("sample_record", "tile_centre"),
@@ -155,9 +153,10 @@ def scaling(roots: dict[str, str], geo: Path, tmp: Path) -> dict[str, dict[int, 
     """Tiles/s of this tree with 1 and 2 dask workers (cluster start-up excluded)."""
     import importlib
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     sys.path.insert(0, str(REPO / "src"))
+    from terrafm_lightning.prep.driver import local_cluster
     from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
     from terrafm_lightning.prep.sources.majortom import prepare_majortom
     from terrafm_lightning.store.schema import Encoding
@@ -173,16 +172,7 @@ def scaling(roots: dict[str, str], geo: Path, tmp: Path) -> dict[str, dict[int, 
     }
     rates: dict[str, dict[int, float]] = {name: {} for name in jobs}
     for workers in (1, 2):
-        with (
-            LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
+        with local_cluster(workers) as cluster, Client(cluster) as client:
             for module in ("geotiff", "majortom"):
                 client.run(importlib.import_module, f"terrafm_lightning.prep.sources.{module}")
             for name, job in jobs.items():

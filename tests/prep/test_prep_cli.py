@@ -2,13 +2,15 @@
 
 import argparse
 import logging
+import os
 
 import numpy as np
 import pytest
 import xarray as xr
-from distributed import LocalCluster
+from distributed import Client, LocalCluster
 
 from terrafm_lightning.prep.cli import build_parser, main
+from terrafm_lightning.prep.driver import local_cluster
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 
 COMMANDS = ("synthetic", "geotiff", "majortom", "worldcover", "stats", "validate")
@@ -53,3 +55,13 @@ def test_scheduler_address_joins_an_existing_cluster(tmp_path, capsys):
     assert ds["written"].values.all()
     np.testing.assert_array_equal(ds["s1"].values[5], synthetic_scene(0, 5, 16).pixels["s1"])
     assert set(ds.attrs["stats"]) == {"s1", "s2_l1c", "s2_l2a"}
+
+
+def test_local_cluster_workers_keep_glibc_adaptive_trim(monkeypatch):
+    # dask's MALLOC_TRIM_THRESHOLD_=65536 made every tile buffer page-fault afresh (1.6x slower).
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        environ = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert list(environ.values()) == [None]
+    assert list(threads.values()) == ["1"]  # the rest of dask's worker environment stays

@@ -1,12 +1,18 @@
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
-from terrafm_lightning.store.records import worldcover_summary, write_sample
+from terrafm_lightning.store.records import (
+    every_tile_holds_data,
+    worldcover_summary,
+    write_rows,
+    write_sample,
+)
 from terrafm_lightning.store.validate import validate_store
 
 
@@ -64,3 +70,39 @@ def test_validate_reports_unwritten_and_bad_metadata(tmp_path):
     assert any("1 samples not written" in p for p in problems)
     assert any("sample 1" in p and "nodata fraction" in p for p in problems)
     assert validate_store(str(tmp_path / "absent.zarr"))[0].startswith("cannot open store")
+
+
+@pytest.mark.parametrize("dtype, fill", [("uint16", 0), ("float32", np.nan)])
+def test_write_rows_stores_what_zarr_default_write_stores(tmp_path, dtype, fill):
+    """The shortcut past zarr's fill checks stores byte-identical shards, empty chunks left out."""
+    rng = np.random.default_rng(0)
+    block = rng.integers(1, 900, (4, 3, 16, 16)).astype(dtype)
+    first_row_fill = block.copy()
+    first_row_fill[1, :, 0] = fill  # not provably non-empty: zarr's own checks decide
+    with_empty = block.copy()
+    with_empty[2] = fill  # an all-fill tile: its chunk is left out
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    for k, data in enumerate((block, first_row_fill, with_empty)):
+        arrays = [
+            root.create_array(
+                f"{name}{k}",
+                shape=(8, 3, 16, 16),
+                chunks=(1, 3, 16, 16),
+                shards=(4, 3, 16, 16),
+                dtype=dtype,
+                fill_value=fill,
+                compressors=st.Encoding().compressor(),
+            )
+            for name in ("default", "ours")
+        ]
+        arrays[0][4:8] = data
+        write_rows(arrays[1], [4, 5, 6, 7], data)
+        stored = [
+            (tmp_path / "s.zarr" / a.name.strip("/") / "c/1/0/0/0").read_bytes() for a in arrays
+        ]
+        assert stored[0] == stored[1]
+        np.testing.assert_array_equal(arrays[1][4:8], data)
+    assert every_tile_holds_data(block, fill)
+    assert not every_tile_holds_data(first_row_fill, fill)
+    full = len((tmp_path / "s.zarr" / "ours0" / "c/1/0/0/0").read_bytes())
+    assert len((tmp_path / "s.zarr" / "ours2" / "c/1/0/0/0").read_bytes()) < full * 0.8

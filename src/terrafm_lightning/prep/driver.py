@@ -94,17 +94,10 @@ def dask_client(scheduler: str, workers: int | None) -> Iterator[Any]:
     if scheduler == "sync":
         yield None
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler == "local":
-        cluster = LocalCluster(
-            n_workers=workers or os.cpu_count() or 1,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
-        with cluster, Client(cluster) as client:
+        with local_cluster(workers or os.cpu_count() or 1) as cluster, Client(cluster) as client:
             yield client
         return
     try:
@@ -113,6 +106,27 @@ def dask_client(scheduler: str, workers: int | None) -> Iterator[Any]:
         raise PrepError(f"cannot reach dask scheduler {scheduler}: {err}") from err
     with client:
         yield client
+
+
+def local_cluster(workers: int) -> Any:
+    """A ``LocalCluster`` of ``workers`` single-threaded processes for prep tasks.
+
+    dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's adaptive
+    mmap threshold: every tile-sized buffer is then handed back to the OS when freed and
+    page-faulted in again when the next is made. Measured on this workload: 1.6x slower per
+    worker (16 tiles of 534 px, 4.4-4.9 s against 2.7-3.1 s), so these workers keep the default.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
 
 
 def run_shards(

@@ -1,4 +1,4 @@
-"""Raster helpers shared by the sources: read, band selection, store dtype, alignment, tiling.
+"""Raster helpers shared by the sources: read (with band selection), store dtype, alignment, tiling.
 
 Alignment is rioxarray's ``reproject`` (GDAL warp); the rest is array bookkeeping no library
 offers in this form (cutting a cell into row-major tiles with their affines).
@@ -19,18 +19,21 @@ from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
 
-_L1C_WITHOUT_B10 = [i for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
+_L1C_WITHOUT_B10 = [i + 1 for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
 
 
-def select_bands(modality: str, pixels: np.ndarray, source: str) -> np.ndarray:
-    """Check the band count and drop B10 from a 13-band L1C raster."""
-    expected = len(BANDS[modality])
-    if modality == "s2_l1c" and pixels.shape[0] == len(S2_L1C_ALL_BANDS):
-        return pixels[_L1C_WITHOUT_B10]
-    if pixels.shape[0] != expected:
-        allowed = "12 or 13" if modality == "s2_l1c" else str(expected)
-        raise InputError(f"{source} has {pixels.shape[0]} bands; {modality} needs {allowed}")
-    return pixels
+def band_indexes(modality: str, count: int, source: str) -> list[int]:
+    """1-based bands of a ``count``-band raster to read for ``modality`` (L1C: all but B10).
+
+    Raises:
+        InputError: naming ``source`` when the band count does not fit the modality.
+    """
+    if modality == "s2_l1c" and count == len(S2_L1C_ALL_BANDS):
+        return _L1C_WITHOUT_B10
+    if count != len(BANDS[modality]):
+        allowed = "12 or 13" if modality == "s2_l1c" else str(len(BANDS[modality]))
+        raise InputError(f"{source} has {count} bands; {modality} needs {allowed}")
+    return list(range(1, count + 1))
 
 
 def to_store_dtype(modality: str, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
@@ -93,10 +96,16 @@ def tile_transform(
     return tuple(shifted)[:6]
 
 
-def read_geotiff(path: Path) -> tuple[np.ndarray, CRS, rasterio.Affine, float | None, dict]:
-    """Read all bands, CRS, transform, nodata and tags; errors name the file."""
+def read_geotiff(
+    path: Path, modality: str
+) -> tuple[np.ndarray, CRS, rasterio.Affine, float | None, dict]:
+    """Read the bands of ``modality`` (not B10), CRS, transform, nodata, tags; errors name the file.
+
+    Reading only the wanted bands avoids decoding B10 and copying the other twelve afterwards.
+    """
     try:
         with rasterio.open(path) as src:
-            return src.read(), src.crs, src.transform, src.nodata, src.tags()
+            bands = band_indexes(modality, src.count, str(path))
+            return src.read(bands), src.crs, src.transform, src.nodata, src.tags()
     except rasterio.errors.RasterioError as err:
         raise InputError(f"cannot read {path}: {err}") from err

@@ -103,15 +103,30 @@ def write_pixels(root: zarr.Group, indices: Sequence[int], samples: Sequence[Sam
 def write_rows(array: zarr.Array, indices: Sequence[int], block: np.ndarray) -> None:
     """Write ``block[k]`` to sample ``indices[k]``, one slice per run of consecutive samples.
 
-    A whole-shard run is one write without read-modify-write of the shard.
+    A whole-shard run is one write without read-modify-write of the shard. What is stored does
+    not depend on the path taken: chunks that are all fill are left out either way.
     """
     idx = np.asarray(indices)
     if (np.diff(idx) < 0).any():  # reorder (a copy) only when needed
         order = np.argsort(idx)
         idx, block = idx[order], block[order]
+    if every_tile_holds_data(block, array.fill_value):
+        # zarr would store every chunk anyway: skip its two full fill-value comparisons (one
+        # per shard, one per chunk), about half the CPU of a shard write.
+        array = array.with_config({"write_empty_chunks": True})
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True):
         array[int(idx[start]) : int(idx[stop - 1]) + 1] = block[start:stop]
+
+
+def every_tile_holds_data(block: np.ndarray, fill: Any) -> bool:
+    """Cheap proof that no tile of ``block`` (sample, ...) is all ``fill``: its first row is not.
+
+    False means "not proven" (zarr then checks each chunk and leaves all-fill ones out).
+    """
+    first_rows = block[(slice(None),) + (0,) * (block.ndim - 2)]
+    is_fill = np.isnan(first_rows) if np.isnan(fill) else first_rows == fill
+    return bool((~is_fill).any(axis=-1).all())
 
 
 def sample_record(root_attrs: Mapping[str, Any], sample: Sample) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from terrafm_lightning.prep.pairing import pair_inputs
 from terrafm_lightning.prep.raster import (
     align,
     read_geotiff,
-    select_bands,
     tile_transform,
     tile_window,
     to_store_dtype,
@@ -134,7 +133,7 @@ def decode_location(
     Cached: the tiles cut from one file decode it once.
     """
     paths = dict(files)
-    decoded = {m: read_geotiff(Path(paths[m])) for m in GRID_PRIORITY if m in paths}
+    decoded = {m: read_geotiff(Path(paths[m]), m) for m in GRID_PRIORITY if m in paths}
     _, crs, transform, _, _ = next(iter(decoded.values()))
     pixels: dict[str, np.ndarray] = {}
     times: dict[str, np.datetime64] = {}
@@ -142,7 +141,7 @@ def decode_location(
         path = paths[m]
         if src_crs is None:
             raise InputError(f"{path} has no CRS; cannot co-register it")
-        data = to_store_dtype(m, select_bands(m, raw, path), nodata)
+        data = to_store_dtype(m, raw, nodata)
         pixels[m] = align(data, src_crs, src_transform, crs, transform, (size, size), NODATA[m])
         if pixels[m].shape[1:] != (size, size):
             raise InputError(f"{path} is {data.shape[1:]} px; expected {(size, size)} (tile size)")
@@ -164,7 +163,7 @@ def geotiff_sample(
     pixels, crs, transform, times = decode_location(files, tile_size * tiles_per_side)
     rows, cols = tile_window(tile_index, tiles_per_side, tile_size)
     return Sample(
-        pixels={m: np.ascontiguousarray(p[:, rows, cols]) for m, p in pixels.items()},
+        pixels={m: p[:, rows, cols] for m, p in pixels.items()},  # views; the shard write copies
         grid_cell=keys[location],
         tile_index=tile_index,
         crs=crs.to_string(),
