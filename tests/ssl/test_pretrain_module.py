@@ -325,6 +325,27 @@ def test_gradients_clipped_per_parameter_as_dino_by_default() -> None:
     assert any(float(old.norm()) < 3.0 for old in before[1:])
 
 
+def test_per_parameter_clipping_equals_the_loop_over_parameters() -> None:
+    model = TerraFMPretrainModule(**TINY)
+    optimizer = model.configure_optimizers()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    generator = torch.Generator().manual_seed(0)
+    for i, p in enumerate(params):
+        if i % 7 != 3:  # some parameters without a gradient
+            scale = 10.0 ** torch.randint(-4, 3, (), generator=generator).item()
+            p.grad = torch.randn(p.shape, generator=generator) * scale
+    expected = []
+    for p in params:
+        if p.grad is not None:
+            norm = torch.linalg.vector_norm(p.grad)
+            expected.append(p.grad * (3.0 / (norm + 1e-6)).clamp(max=1.0))
+    model.configure_gradient_clipping(optimizer, 3.0, None)
+    grads = [p.grad for p in params if p.grad is not None]
+    assert len(grads) == len(expected) < len(params)
+    for grad, reference in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, reference)
+
+
 def test_global_norm_clipping_is_an_option() -> None:
     model = TerraFMPretrainModule(**{**TINY, "clip_mode": "global_norm"})
     seen: list[float] = []

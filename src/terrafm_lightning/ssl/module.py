@@ -549,8 +549,8 @@ class TerraFMPretrainModule(L.LightningModule):
         """Clip each gradient tensor on its own (DINO) or, with ``clip_mode``, the global norm.
 
         Per parameter: ``g *= min(1, clip / (||g|| + 1e-6))`` (DINO's ``clip_gradients``),
-        computed on the device without a host sync; a sharded (FSDP2) gradient's norm is its
-        full norm.
+        computed on the device without a host sync, for all gradients at once (foreach ops);
+        a sharded (FSDP2) gradient's norm is its full norm.
         """
         per_parameter = self.hparams.clip_mode == "per_parameter"
         if not gradient_clip_val or not per_parameter or gradient_clip_algorithm == "value":
@@ -558,11 +558,12 @@ class TerraFMPretrainModule(L.LightningModule):
                 optimizer, gradient_clip_val, gradient_clip_algorithm
             )
             return
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    norm = torch.linalg.vector_norm(param.grad)
-                    param.grad.mul_((gradient_clip_val / (norm + 1e-6)).clamp(max=1.0))
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch.stack(torch._foreach_norm(grads))
+        scales = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, scales.unbind())
 
     def optimizer_step(
         self,
