@@ -12,6 +12,7 @@ from terrafm_lightning.models import (
     terrafm_tiny,
 )
 from terrafm_lightning.models.reference import ReferenceTerraFM
+from terrafm_lightning.models.terrafm import _drop_path_per_sample
 from tests.conftest import shared_path
 
 
@@ -58,6 +59,43 @@ def test_mixed_presence_batch_equals_per_sample_results():
     for i in range(4):
         sample = {m: inputs[m][i : i + 1] for j, m in enumerate(MODALITIES) if presence[i, j]}
         torch.testing.assert_close(batched[i : i + 1], model(sample), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_crop_sets_equal_one_call_per_set():
+    # Crop sets of different sizes and modalities, packed through the blocks; in float64, so
+    # the gradients' different summation order stays far below the tolerance.
+    torch.manual_seed(0)
+    model = terrafm_tiny(depth=2).train().double()
+    sets = [make_inputs(3, 32), make_inputs(5, 16, ("s1", "s2_l2a"))]
+    inputs = [{m: x.double() for m, x in crops.items()} for crops in sets]
+    presence = [torch.tensor([[1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool), None]
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        if packed:
+            out = model(inputs, presence)
+        else:
+            out = torch.cat([model(x, p) for x, p in zip(inputs, presence, strict=True)])
+        out.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    assert results[0][0].shape == (8, model.embed_dim)
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_packed_drop_path_draws_one_mask_per_sample():
+    block = terrafm_tiny(depth=2, drop_path_rate=0.5).train().blocks[1]
+    # Two crop sets: 40 samples of 5 rows, then 60 samples of 2 rows.
+    row_sample = torch.cat([torch.arange(40).repeat_interleave(5), torch.arange(40, 100).repeat(2)])
+    rows = torch.ones(len(row_sample), 4)
+    torch.manual_seed(0)
+    kept = _drop_path_per_sample(block.drop_path1, rows, 100, row_sample)
+    # Every row of a sample is dropped (0) or kept and scaled by 1 / keep-probability (2) alike.
+    per_sample = torch.zeros(100, 4).index_copy_(0, row_sample, kept)
+    torch.testing.assert_close(kept, per_sample[row_sample])
+    assert set(kept.unique().tolist()) == {0.0, 2.0}
+    block.eval()
+    assert _drop_path_per_sample(block.drop_path1, rows, 100, row_sample) is rows
 
 
 def test_one_modality_fusion_equals_single_path():

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
@@ -17,6 +18,71 @@ from torch import Tensor, nn
 from terrafm_lightning.batch import require
 from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, UNITS
 from terrafm_lightning.models.patch_embed import ModalityPatchEmbed
+
+
+class TerraFMBlock(Block):
+    """The timm pre-norm ViT block (no dropout) that can also run crop sets of different sizes.
+
+    Packed, the tokens of all crop sets are the rows of one (R, d) tensor: the row-wise parts
+    (norms, qkv, projection, MLP, residuals) run once over all rows, attention per crop set, and
+    drop-path per sample. The values are those of one call per crop set.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float,
+        norm_layer: type[nn.Module],
+    ) -> None:
+        super().__init__(
+            dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path, norm_layer=norm_layer
+        )
+        # timm's Dropout(p=0) modules would still dispatch an op per call.
+        self.attn.proj_drop = self.mlp.drop1 = self.mlp.drop2 = nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        sets: Sequence[tuple[int, int]] | None = None,
+        row_sample: Tensor | None = None,
+    ) -> Tensor:
+        """The timm forward of (B, N, d) tokens, or the forward of packed rows (R, d).
+
+        Args:
+            x: tokens (B, N, d), or packed rows (R, d).
+            sets: packed only: (samples, tokens per sample) of each crop set, in row order.
+            row_sample: packed only: (R,) sample of each row, numbered over all crop sets.
+        """
+        if sets is None:
+            return super().forward(x)
+        samples = sum(b for b, _ in sets)
+        attn = self.ls1(self._packed_attention(self.norm1(x), sets))
+        x = x + _drop_path_per_sample(self.drop_path1, attn, samples, row_sample)
+        mlp = self.ls2(self.mlp(self.norm2(x)))
+        return x + _drop_path_per_sample(self.drop_path2, mlp, samples, row_sample)
+
+    def _packed_attention(self, x: Tensor, sets: Sequence[tuple[int, int]]) -> Tensor:
+        """The timm ``Attention`` on packed rows: qkv and projection once, SDPA per crop set."""
+        attn = self.attn
+        out = []
+        for rows, (b, n) in zip(attn.qkv(x).split([b * n for b, n in sets]), sets, strict=True):
+            qkv = rows.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
+            out.append(y.transpose(1, 2).reshape(b * n, attn.attn_dim))
+        return attn.proj(attn.norm(torch.cat(out)))
+
+
+def _drop_path_per_sample(
+    module: nn.Module, rows: Tensor, samples: int, row_sample: Tensor
+) -> Tensor:
+    """``module`` (a timm ``DropPath`` or an identity) with one draw per sample of packed rows."""
+    if not isinstance(module, DropPath) or not module.training:
+        return rows
+    keep = module(rows.new_ones(samples, 1))
+    return rows * keep[row_sample]
 
 
 class TerraFM(nn.Module):
@@ -64,10 +130,7 @@ class TerraFM(nn.Module):
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
-            Block(
-                embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm_layer
-            )
-            for r in rates
+            TerraFMBlock(embed_dim, num_heads, mlp_ratio, r, norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -178,16 +241,43 @@ class TerraFM(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def forward_packed(
+        self, inputs: Sequence[dict[str, Tensor]], presence: Sequence[Tensor | None]
+    ) -> Tensor:
+        """Normalised CLS features of several crop sets, (sum of their B, d), in order.
+
+        The crop sets (e.g. global and local crops, each of one size) go through the blocks
+        packed (:class:`TerraFMBlock`): the same values as one :meth:`forward` per set.
+        """
+        tokens = [self.prepare_tokens(x, p) for x, p in zip(inputs, presence, strict=True)]
+        sets = [tuple(t.shape[:2]) for t in tokens]
+        x = torch.cat([t.flatten(0, 1) for t in tokens])
+        device, offset, row_sample = x.device, 0, []
+        for b, n in sets:
+            row_sample.append(torch.arange(b * n, device=device) // n + offset)
+            offset += b
+        row_sample = torch.cat(row_sample)
+        for block in self.blocks:
+            x = block(x, sets, row_sample)
+        rows = x.split([b * n for b, n in sets])
+        cls = [r.view(b, n, -1)[:, 0] for r, (b, n) in zip(rows, sets, strict=True)]
+        return self.norm(torch.cat(cls))
+
     def forward(
         self,
-        inputs: dict[str, Tensor] | Tensor,
-        presence: Tensor | None = None,
+        inputs: dict[str, Tensor] | Tensor | Sequence[dict[str, Tensor]],
+        presence: Tensor | Sequence[Tensor | None] | None = None,
         modality: str | None = None,
     ) -> Tensor:
         """Normalised CLS features, (B, d).
 
         ``model(x, modality="s2_l2a")`` is ``model({"s2_l2a": x})`` (one modality, timm style).
+        A list of input dicts with a list of masks (crop sets of different sizes) is
+        :meth:`forward_packed`; under FSDP2 it must go through this call, which gathers the
+        parameters.
         """
+        if isinstance(inputs, (list, tuple)):
+            return self.forward_packed(inputs, presence)
         if modality is not None:
             if not isinstance(inputs, Tensor):
                 raise ValueError("modality= takes one (B, C, H, W) tensor, not a dict of inputs")

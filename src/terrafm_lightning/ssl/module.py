@@ -352,8 +352,8 @@ class TerraFMPretrainModule(L.LightningModule):
     def _student_teacher_logits(self, batch: CropBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Raw student logits (n_crops, B, K), teacher logits (n_global, B, K), student CLS.
 
-        Three backbone calls on the concatenated crops: the teacher's and the student's on the
-        global crops, the student's on the local ones.
+        Two backbone calls on the concatenated crops: the teacher's on the global crops and the
+        student's on the global and local crops packed (``TerraFM.forward_packed``).
         """
         batch_size = batch["dominant_class"].shape[0]
         n_global = batch["teacher_presence"].shape[0]
@@ -363,10 +363,11 @@ class TerraFMPretrainModule(L.LightningModule):
             teacher = self.teacher.head(
                 self.teacher.backbone(global_crops, batch["teacher_presence"])
             )
-        feats = [self.student.backbone(global_crops, presence[:n_global])]
+        crops, masks = [global_crops], [presence[:n_global]]
         if local_crops:
-            feats.append(self.student.backbone(local_crops, presence[n_global:]))
-        cls = torch.cat(feats) if len(feats) > 1 else feats[0]
+            crops.append(local_crops)
+            masks.append(presence[n_global:])
+        cls = self.student.backbone(crops, masks)
         student = self.student.head(cls)
         return (
             student.view(-1, batch_size, student.shape[-1]),
