@@ -181,6 +181,16 @@ def test_param_groups_exclude_norms_biases_tokens_and_queries() -> None:
     assert by_layer["0"] == pytest.approx(0.25) and by_layer["1"] == pytest.approx(0.5)
 
 
+def test_layers_of_equal_lr_scale_share_one_param_group() -> None:
+    model = TerraFMPretrainModule(**TINY)  # no layer decay: one group with decay, one without
+    groups = model.configure_optimizers().param_groups
+    assert sorted(g["decay"] for g in groups) == [False, True]
+    assert all(g["lr_scale"] == 1.0 for g in groups)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in model.student.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable)
+
+
 def test_dual_centering_needs_the_high_frequency_set() -> None:
     later = TerraFMPretrainModule(**{**TINY, "high_frequency_classes": None})
     assert later.centering is None  # built in setup, from the datamodule's classes

@@ -23,10 +23,17 @@ def layer_decay_groups(
     ``module`` holds ``backbone`` as ``module.backbone`` and has a timm ``group_matcher`` (stem,
     one layer per block, heads on top). Each group has ``lr_scale`` (``layer_decay ** (top -
     layer)``, 1 everywhere when ``layer_decay`` is 1) and ``decay``: False for 1-D tensors
-    (norms, biases) and the backbone's ``no_weight_decay()`` tensors.
+    (norms, biases) and the backbone's ``no_weight_decay()`` tensors. Layers of equal
+    ``lr_scale`` and ``decay`` share one group (all of them without layer decay), so a fused
+    optimizer steps each group in one call.
     """
     no_decay = [f"backbone.{name}" for name in backbone.no_weight_decay()]
-    groups = param_groups_layer_decay(module, 1.0, no_decay, layer_decay=layer_decay)
-    for group in groups:
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for group in param_groups_layer_decay(module, 1.0, no_decay, layer_decay=layer_decay):
         group["decay"] = group.pop("weight_decay") > 0
-    return groups
+        key = (group["lr_scale"], group["decay"], group.get("use_fallback", False))
+        if key in merged:
+            merged[key]["params"] += group["params"]
+        else:
+            merged[key] = group
+    return list(merged.values())
