@@ -12,7 +12,6 @@ from terrafm_lightning.models import (
     terrafm_tiny,
 )
 from terrafm_lightning.models.reference import ReferenceTerraFM
-from terrafm_lightning.models.terrafm import _drop_path_per_sample
 from tests.conftest import shared_path
 
 
@@ -89,13 +88,15 @@ def test_packed_drop_path_draws_one_mask_per_sample():
     row_sample = torch.cat([torch.arange(40).repeat_interleave(5), torch.arange(40, 100).repeat(2)])
     rows = torch.ones(len(row_sample), 4)
     torch.manual_seed(0)
-    kept = _drop_path_per_sample(block.drop_path1, rows, 100, row_sample)
-    # Every row of a sample is dropped (0) or kept and scaled by 1 / keep-probability (2) alike.
-    per_sample = torch.zeros(100, 4).index_copy_(0, row_sample, kept)
-    torch.testing.assert_close(kept, per_sample[row_sample])
-    assert set(kept.unique().tolist()) == {0.0, 2.0}
-    block.eval()
-    assert _drop_path_per_sample(block.drop_path1, rows, 100, row_sample) is rows
+    keep = block._packed_keep(rows, 100, row_sample)
+    assert keep.shape == (2, len(row_sample), 1)
+    # Every row of a sample is dropped (0) or kept and scaled by 1 / keep-probability (2) alike,
+    # independently in the two branches.
+    per_sample = torch.zeros(2, 100, 1).index_copy_(1, row_sample, keep)
+    torch.testing.assert_close(keep, per_sample[:, row_sample])
+    assert set(keep.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(keep[0], keep[1])
+    assert block.eval()._packed_keep(rows, 100, row_sample) is None
 
 
 def test_one_modality_fusion_equals_single_path():

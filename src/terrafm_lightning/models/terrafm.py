@@ -25,7 +25,8 @@ class TerraFMBlock(Block):
 
     Packed, the tokens of all crop sets are the rows of one (R, d) tensor: the row-wise parts
     (norms, qkv, projection, MLP, residuals) run once over all rows, attention per crop set, and
-    drop-path per sample. The values are those of one call per crop set.
+    drop-path per sample (one draw for both branches). The values are those of one call per
+    crop set.
     """
 
     def __init__(
@@ -57,11 +58,23 @@ class TerraFMBlock(Block):
         """
         if sets is None:
             return super().forward(x)
-        samples = sum(b for b, _ in sets)
+        keep = self._packed_keep(x, sum(b for b, _ in sets), row_sample)
         attn = self.ls1(self._packed_attention(self.norm1(x), sets))
-        x = x + _drop_path_per_sample(self.drop_path1, attn, samples, row_sample)
+        x = x + (attn if keep is None else attn * keep[0])
         mlp = self.ls2(self.mlp(self.norm2(x)))
-        return x + _drop_path_per_sample(self.drop_path2, mlp, samples, row_sample)
+        return x + (mlp if keep is None else mlp * keep[1])
+
+    def _packed_keep(self, x: Tensor, samples: int, row_sample: Tensor) -> Tensor | None:
+        """Drop-path factors of both branches for the packed rows ``x``, (2, R, 1).
+
+        As timm's ``DropPath`` (one draw per sample, kept paths scaled by 1 / keep-probability),
+        drawn for both branches at once; None without drop-path or outside training.
+        """
+        if not isinstance(self.drop_path1, DropPath) or not self.training:
+            return None
+        keep_prob = 1.0 - self.drop_path1.drop_prob
+        draws = x.new_empty(2, samples, 1).bernoulli_(keep_prob).div_(keep_prob)
+        return draws[:, row_sample]
 
     def _packed_attention(self, x: Tensor, sets: Sequence[tuple[int, int]]) -> Tensor:
         """The timm ``Attention`` on packed rows: qkv and projection once, SDPA per crop set."""
@@ -73,16 +86,6 @@ class TerraFMBlock(Block):
             y = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
             out.append(y.transpose(1, 2).reshape(b * n, attn.attn_dim))
         return attn.proj(attn.norm(torch.cat(out)))
-
-
-def _drop_path_per_sample(
-    module: nn.Module, rows: Tensor, samples: int, row_sample: Tensor
-) -> Tensor:
-    """``module`` (a timm ``DropPath`` or an identity) with one draw per sample of packed rows."""
-    if not isinstance(module, DropPath) or not module.training:
-        return rows
-    keep = module(rows.new_ones(samples, 1))
-    return rows * keep[row_sample]
 
 
 class TerraFM(nn.Module):

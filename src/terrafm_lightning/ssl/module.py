@@ -407,9 +407,15 @@ class TerraFMPretrainModule(L.LightningModule):
             self.log("loss", value, prog_bar=True, logger=False, batch_size=size)
         self.centering.accumulate(out["teacher"], dominant)
         now = time.perf_counter()
+        host = dict(values)
+        if self._last_step_time is not None:
+            rate = dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
+            host["samples_per_sec"] = rate
+        self._last_step_time = now
         logs = {
             "loss": loss.detach(),
-            **{k: torch.tensor(v) for k, v in values.items()},
+            # Host numbers as views of one CPU tensor: one tensor creation for all of them.
+            **dict(zip(host, torch.tensor(list(host.values())).unbind(), strict=True)),
             "teacher_entropy": out["entropy"],
             "student_feature_std": out["feature_std"],
             **self.centering.norms(),
@@ -420,10 +426,6 @@ class TerraFMPretrainModule(L.LightningModule):
                     self.hparams.high_frequency_classes, device=dominant.device
                 )
             logs["high_frequency_share"] = torch.isin(dominant, self._high_frequency).float().mean()
-        if self._last_step_time is not None:
-            rate = dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
-            logs["samples_per_sec"] = torch.tensor(rate)
-        self._last_step_time = now
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=size)
         return loss
 
