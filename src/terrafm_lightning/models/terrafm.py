@@ -25,8 +25,8 @@ class TerraFMBlock(Block):
 
     Packed, the tokens of all crop sets are the rows of one (R, d) tensor: the row-wise parts
     (norms, qkv, projection, MLP, residuals) run once over all rows, attention per crop set, and
-    drop-path per sample (one draw for both branches). The values are those of one call per
-    crop set.
+    drop-path per sample (one draw for both branches). Without drop-path the values are those of
+    one call per crop set; with it, only the random draws differ.
     """
 
     def __init__(
@@ -250,7 +250,8 @@ class TerraFM(nn.Module):
         """Normalised CLS features of several crop sets, (sum of their B, d), in order.
 
         The crop sets (e.g. global and local crops, each of one size) go through the blocks
-        packed (:class:`TerraFMBlock`): the same values as one :meth:`forward` per set.
+        packed (:class:`TerraFMBlock`): the same values as one :meth:`forward` per set (up to
+        the drop-path draws in training).
         """
         tokens = [self.prepare_tokens(x, p) for x, p in zip(inputs, presence, strict=True)]
         sets = [tuple(t.shape[:2]) for t in tokens]
