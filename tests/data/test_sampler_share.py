@@ -25,3 +25,19 @@ def test_share_equals_numpy_choice_stream(n: int, world: int) -> None:
             np.testing.assert_array_equal(share, stream[rank::world])
             np.testing.assert_array_equal(sampler.share(epoch, 5), stream[rank::world][5:])
         np.testing.assert_array_equal(sampler.stream(epoch), stream)
+
+
+def test_share_equals_numpy_choice_with_crowded_buckets() -> None:
+    """Long runs of zero weights and vastly different weights still give numpy's stream.
+
+    Thousands of zero weights put one CDF value into one bucket many times over (the binary
+    search fallback), and a few heavy tiles leave most buckets empty.
+    """
+    rng = np.random.default_rng(3)
+    weights = rng.lognormal(0.0, 4.0, 20_000)
+    weights[5_000:12_000] = 0.0
+    weights[::997] *= 1e9
+    p = weights / weights.sum()
+    stream = np.random.default_rng([2, 1]).choice(weights.size, size=60_000, p=p)
+    sampler = WorldCoverWeightedSampler(weights, 60_000, 1, 0, seed=2)
+    np.testing.assert_array_equal(sampler.share(1), stream)
