@@ -33,7 +33,7 @@ from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.pairing import pair_inputs
-from terrafm_lightning.prep.raster import align, tile_transform, tile_window
+from terrafm_lightning.prep.raster import GDAL_READ_OPTIONS, align, tile_transform, tile_window
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
 from terrafm_lightning.store.schema import NODATA, Encoding
@@ -182,13 +182,13 @@ def decode_cell(
     columns = COLUMNS[modality]
     values = _row(file, row, ("grid_cell", *columns))
     stack, grid = None, None
-    with rasterio.Env():  # one GDAL environment for all bands, not one per open
+    with rasterio.Env(**GDAL_READ_OPTIONS):  # one GDAL environment for all bands
         for k, column in enumerate(columns):
             blob = values.get(column)
             if blob is None or not blob.size:
                 raise InputError(f"{file} row {row} ({values['grid_cell']}): empty column {column}")
             try:
-                with MemoryFile(memoryview(blob)) as mem, mem.open() as src:
+                with MemoryFile(memoryview(blob)) as mem, mem.open(driver="GTiff") as src:
                     this = (src.crs, src.transform, src.shape)
                     if grid is None:
                         grid = this
