@@ -154,7 +154,8 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
         for group in range(meta.num_row_groups):
             rows = meta.metadata.row_group(group).num_rows
             if row < start + rows:
-                table = meta.read_row_group(group, columns=list(columns))
+                # One thread, as every prep worker (arrow would decode columns on all cores).
+                table = meta.read_row_group(group, columns=list(columns), use_threads=False)
                 values = {}
                 for name in table.column_names:
                     value = table.column(name)[row - start]
