@@ -58,6 +58,11 @@ def has_offset(product_id: str, timestamp: np.datetime64) -> bool:
     return bool(np.datetime64(timestamp, "D") >= OFFSET_SINCE)
 
 
+DB_PER_LN = np.float32(10 / np.log(10))
+"""10 log10(x) = DB_PER_LN ln(x): numpy's float32 ``log`` is vectorised, its ``log10`` is not
+(measured 9 against 19-35 ms per 1068 px S1 pair of bands; results within 2 float32 ulp)."""
+
+
 def linear_to_db(linear: np.ndarray) -> np.ndarray:
     """S1 linear gamma0 -> float32 dB; nodata (-32768), non-finite and <= 0 become NaN.
 
@@ -66,8 +71,8 @@ def linear_to_db(linear: np.ndarray) -> np.ndarray:
     linear = linear.astype(np.float32, copy=False)
     valid = (linear > 0) & (linear < np.inf)  # also excludes NaN and -32768
     out = np.full(linear.shape, np.nan, np.float32)
-    np.log10(linear, out=out, where=valid)
-    out *= 10
+    np.log(linear, out=out, where=valid)
+    out *= DB_PER_LN
     return out
 
 
