@@ -133,6 +133,10 @@ class ChunkLayout:
                 raise ValueError("shard index checksum mismatch")
         return np.frombuffer(body, "<u8").reshape(-1, 2)
 
+    def shard_coords(self, shard: int) -> tuple[int, ...]:
+        """Chunk-grid coordinates of shard ``shard`` (shards split the sample axis only)."""
+        return (shard,) + (0,) * (len(self.chunk_shape) - 1)
+
     def encode_index(self, entries: np.ndarray) -> bytes:
         """Index bytes of (samples_per_shard, 2) (offset, nbytes) entries, crc32c appended."""
         body = np.ascontiguousarray(entries, "<u8").tobytes()
@@ -213,9 +217,7 @@ def write_samples(
             chunk = encoder.encode(np.ascontiguousarray(tile, layout.dtype))
         shards.setdefault(int(i) // per, {})[int(i) % per] = chunk
     for shard, chunks in shards.items():
-        path = array.store_path / array.metadata.encode_chunk_key(
-            (shard,) + (0,) * (len(layout.chunk_shape) - 1)
-        )
+        path = array.store_path / array.metadata.encode_chunk_key(layout.shard_coords(shard))
         if len(chunks) < min(per, array.shape[0] - shard * per):
             chunks = {**_stored_chunks(layout, path), **chunks}
         data = _shard_bytes(layout, chunks)
