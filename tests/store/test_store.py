@@ -1,3 +1,4 @@
+import google_crc32c
 import numpy as np
 import pytest
 import xarray as xr
@@ -7,8 +8,13 @@ from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
-from terrafm_lightning.store.records import (
+from terrafm_lightning.store.codecs import (
+    EMPTY_CHUNK,
+    chunk_layout,
     every_tile_holds_data,
+    write_samples,
+)
+from terrafm_lightning.store.records import (
     worldcover_summary,
     write_rows,
     write_sample,
@@ -106,3 +112,72 @@ def test_write_rows_stores_what_zarr_default_write_stores(tmp_path, dtype, fill)
     assert not every_tile_holds_data(first_row_fill, fill)
     full = len((tmp_path / "s.zarr" / "ours0" / "c/1/0/0/0").read_bytes())
     assert len((tmp_path / "s.zarr" / "ours2" / "c/1/0/0/0").read_bytes()) < full * 0.8
+
+
+def _pixel_arrays(root, names, dtype, fill, codec):
+    return [
+        root.create_array(
+            name,
+            shape=(7, 3, 16, 16),
+            chunks=(1, 3, 16, 16),
+            shards=(4, 3, 16, 16),
+            dtype=dtype,
+            fill_value=fill,
+            compressors=st.Encoding(codec=codec).compressor(),
+        )
+        for name in names
+    ]
+
+
+@pytest.mark.parametrize("codec", ["blosc", "zstd"])
+@pytest.mark.parametrize("dtype, fill", [("uint16", 0), ("float32", np.nan)])
+def test_write_samples_writes_zarrs_shard_bytes(tmp_path, dtype, fill, codec):
+    """One object per shard, byte for byte zarr's: chunks, index, crc32c; empty tiles left out."""
+    block = np.random.default_rng(0).integers(1, 900, (7, 3, 16, 16)).astype(dtype)
+    block[2] = fill  # all fill: no chunk
+    block[5, :, 0] = fill  # first row fill, rest data: stored
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    default, ours = _pixel_arrays(root, ("default", "ours"), dtype, fill, codec)
+    default[:] = block
+    write_samples(ours, range(7), list(block))
+    for shard in ("0", "1"):  # a full shard and the last, partial one (3 of 4 samples)
+        stored = [
+            (tmp_path / "s.zarr" / n / "c" / shard / "0/0/0").read_bytes()
+            for n in ("default", "ours")
+        ]
+        assert stored[0] == stored[1]
+        index = stored[1][-68:-4]
+        assert int.from_bytes(stored[1][-4:], "little") == google_crc32c.value(index)
+    np.testing.assert_array_equal(ours[:], block)
+    layout = chunk_layout(ours)
+    raw = (tmp_path / "s.zarr" / "ours/c/0/0/0/0").read_bytes()
+    entries = layout.parse_index(raw[-layout.index_nbytes :])
+    assert int(entries[2, 0]) == EMPTY_CHUNK
+    out = np.empty(block.shape[1:], dtype)
+    offset, nbytes = (int(v) for v in entries[1])
+    layout.decode_into(raw[offset : offset + nbytes], out)  # what the reader does
+    np.testing.assert_array_equal(out, block[1])
+    corrupt = bytearray(raw[-layout.index_nbytes :])
+    corrupt[0] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        layout.parse_index(bytes(corrupt))
+
+
+def test_write_samples_keeps_the_rest_of_a_partly_written_shard(tmp_path):
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    (array,) = _pixel_arrays(root, ("a",), "uint16", 0, "blosc")
+    block = np.random.default_rng(1).integers(1, 900, (4, 3, 16, 16)).astype("uint16")
+    write_samples(array, [1, 2], [block[1], block[2]])
+    write_samples(array, [0, 3], [block[0], None])  # None: left out, reads as fill
+    expected = block.copy()
+    expected[3] = 0
+    np.testing.assert_array_equal(array[0:4], expected)
+    write_samples(array, [2], [np.zeros((3, 16, 16), "uint16")])  # now all fill: chunk removed
+    expected[2] = 0
+    np.testing.assert_array_equal(array[0:4], expected)
+    shard = tmp_path / "s.zarr/a/c/0/0/0/0"
+    write_samples(array, [0, 1], [None, None])
+    assert not shard.exists()  # no chunk left: no shard object, as zarr does
+    np.testing.assert_array_equal(array[:], 0)
+    with pytest.raises(ValueError, match="shape"):
+        write_samples(array, [4], [block[0, :, :8]])

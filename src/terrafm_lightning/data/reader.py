@@ -152,8 +152,7 @@ class ShardReader:
 
     def _shard_key(self, modality: str, shard: int) -> str:
         path, metadata = self._keys[modality]
-        coords = (shard,) + (0,) * (len(self.layouts[modality].chunk_shape) - 1)
-        return f"{path}/{metadata.encode_chunk_key(coords)}"
+        return f"{path}/{metadata.encode_chunk_key(self.layouts[modality].shard_coords(shard))}"
 
     async def _load_index(self, modality: str, shard: int) -> np.ndarray | None:
         layout = self.layouts[modality]

@@ -20,6 +20,11 @@ from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
 
 _L1C_WITHOUT_B10 = [i + 1 for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
+GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": True}
+"""GDAL settings of every GeoTIFF read: uncompressed data is read through a memory mapping, past
+GDAL's block cache (measured per read: a 1068 px uint16 band from memory 0.4-0.5 against
+1.4 ms, a 12-band pixel-interleaved 1068 px file 31 against 37-46 ms; compressed files are read
+as without it)."""
 
 
 def band_indexes(modality: str, count: int, source: str) -> list[int]:
@@ -104,7 +109,7 @@ def read_geotiff(
     Reading only the wanted bands avoids decoding B10 and copying the other twelve afterwards.
     """
     try:
-        with rasterio.open(path) as src:
+        with rasterio.Env(**GDAL_READ_OPTIONS), rasterio.open(path, driver="GTiff") as src:
             bands = band_indexes(modality, src.count, str(path))
             return src.read(bands), src.crs, src.transform, src.nodata, src.tags()
     except rasterio.errors.RasterioError as err:

@@ -15,6 +15,14 @@ array's zarr metadata and decodes with numcodecs (CPU) or nvCOMP (GPU). The layo
 are those of the zarr v3 sharding spec: the index is ``chunks_per_shard`` pairs of little-endian
 uint64 (offset, nbytes), followed by a crc32c when the index codecs say so; an empty chunk is
 (2**64 - 1, 2**64 - 1).
+
+The write side (:func:`write_samples`) is written here for the same layout, for speed: zarr
+(3.1) copies every inner chunk into a fill-value buffer, runs its codec pipeline per chunk in
+worker threads and concatenates the shard, which measured about twice the CPU of encoding the
+same chunks (16-tile Major-TOM run at 534 px: writes 1.3 s against 0.5 s of blosc encode). Here
+each chunk is encoded once with numcodecs from the tile itself, and each shard is one object
+write of the chunks, then the index (its crc32c when the index codecs say so), byte for byte
+what zarr writes for the same chunks (``tests/store``).
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import google_crc32c
 import numcodecs
@@ -33,11 +41,14 @@ import torch
 import zarr
 import zarr.codecs
 from numcodecs.abc import Codec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 CODECS = ("blosc", "zstd")
 GPU_CODECS = frozenset({"zstd"})
 """Codecs whose chunk bytes a GPU library (nvCOMP) decodes."""
 EMPTY_CHUNK = 2**64 - 1
+BLOSC_SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 ZSTD_MAGIC = 0xFD2FB528
 
 
@@ -122,6 +133,17 @@ class ChunkLayout:
                 raise ValueError("shard index checksum mismatch")
         return np.frombuffer(body, "<u8").reshape(-1, 2)
 
+    def shard_coords(self, shard: int) -> tuple[int, ...]:
+        """Chunk-grid coordinates of shard ``shard`` (shards split the sample axis only)."""
+        return (shard,) + (0,) * (len(self.chunk_shape) - 1)
+
+    def encode_index(self, entries: np.ndarray) -> bytes:
+        """Index bytes of (samples_per_shard, 2) (offset, nbytes) entries, crc32c appended."""
+        body = np.ascontiguousarray(entries, "<u8").tobytes()
+        if self.index_checksum:
+            body += struct.pack("<I", google_crc32c.value(body))
+        return body
+
     def decode_into(self, frame: memoryview | bytes, out: np.ndarray) -> None:
         """Decode one chunk's bytes into ``out`` (C-contiguous, ``chunk_nbytes`` bytes)."""
         frame = memoryview(frame).cast("B")
@@ -136,6 +158,109 @@ class ChunkLayout:
 def _numcodecs_decoder(codec: str) -> Codec:
     # Decoding needs no settings: blosc and zstd frames carry what they need.
     return numcodecs.Blosc() if codec == "blosc" else numcodecs.Zstd()
+
+
+def every_tile_holds_data(block: np.ndarray, fill: Any) -> bool:
+    """Cheap proof that no tile of ``block`` (sample, ...) is all ``fill``: its first row is not.
+
+    False means "not proven" (each tile then needs a full comparison).
+    """
+    first_rows = block[(slice(None),) + (0,) * (block.ndim - 2)]
+    is_fill = np.isnan(first_rows) if np.isnan(fill) else first_rows == fill
+    return bool((~is_fill).any(axis=-1).all())
+
+
+def is_fill(tile: np.ndarray, fill: Any) -> bool:
+    """Whether every value of ``tile`` is ``fill`` (NaN fill: every value NaN), as zarr decides."""
+    if every_tile_holds_data(tile[None], fill):
+        return False
+    return bool(np.isnan(tile).all() if np.isnan(fill) else (tile == fill).all())
+
+
+def chunk_encoder(array: zarr.Array) -> Codec:
+    """The numcodecs codec encoding an inner chunk exactly as the array's zarr codec does."""
+    inner = array.metadata.codecs[0].codecs[1]
+    if isinstance(inner, zarr.codecs.BloscCodec):
+        return numcodecs.Blosc(
+            cname=inner.cname.value,
+            clevel=inner.clevel,
+            shuffle=BLOSC_SHUFFLES[inner.shuffle.value],
+            blocksize=inner.blocksize,
+            typesize=inner.typesize,
+        )
+    if isinstance(inner, zarr.codecs.ZstdCodec):
+        return numcodecs.Zstd(level=inner.level, checksum=inner.checksum)
+    raise ValueError(f"unsupported inner codec {inner}")
+
+
+def write_samples(
+    array: zarr.Array, indices: Sequence[int], tiles: Sequence[np.ndarray | None]
+) -> None:
+    """Write ``tiles[k]`` to sample ``indices[k]`` of a sharded pixel array, one write per shard.
+
+    A tile that is None or all fill is left out of its shard (reads as the fill value), as zarr
+    does; a shard left with no chunk is deleted. A shard only partly covered by ``indices`` keeps
+    its other chunks (read back, not re-encoded). Only one process may write a given shard.
+    """
+    layout = chunk_layout(array)
+    encoder = chunk_encoder(array)
+    per = layout.samples_per_shard
+    fill = array.fill_value
+    shards: dict[int, dict[int, bytes | None]] = {}
+    for i, tile in zip(indices, tiles, strict=True):
+        if not 0 <= i < array.shape[0]:
+            raise IndexError(f"sample {i} outside {array.name} of {array.shape[0]} samples")
+        if tile is not None and tile.shape != layout.chunk_shape[1:]:
+            raise ValueError(f"tile of shape {tile.shape}, expected {layout.chunk_shape[1:]}")
+        chunk = None
+        if tile is not None and not is_fill(tile, fill):
+            chunk = encoder.encode(np.ascontiguousarray(tile, layout.dtype))
+        shards.setdefault(int(i) // per, {})[int(i) % per] = chunk
+    for shard, chunks in shards.items():
+        path = array.store_path / array.metadata.encode_chunk_key(layout.shard_coords(shard))
+        if len(chunks) < min(per, array.shape[0] - shard * per):
+            chunks = {**_stored_chunks(layout, path), **chunks}
+        data = _shard_bytes(layout, chunks)
+        sync(
+            path.delete()
+            if data is None
+            else path.set(default_buffer_prototype().buffer.from_bytes(data))
+        )
+
+
+def _stored_chunks(layout: ChunkLayout, path: Any) -> dict[int, memoryview]:
+    """The chunk bytes an existing shard holds, by position in the shard (empty if none)."""
+    raw = sync(path.get())
+    if raw is None:
+        return {}
+    data = memoryview(raw.as_numpy_array()).cast("B")
+    index_at = len(data) - layout.index_nbytes if layout.index_at_end else 0
+    index = layout.parse_index(data[index_at : index_at + layout.index_nbytes])
+    return {
+        k: data[int(offset) : int(offset) + int(nbytes)]
+        for k, (offset, nbytes) in enumerate(index)
+        if int(offset) != EMPTY_CHUNK
+    }
+
+
+def _shard_bytes(
+    layout: ChunkLayout, chunks: Mapping[int, bytes | memoryview | None]
+) -> bytes | None:
+    """A shard's bytes (chunks in sample order, then the index, or index first), None if empty."""
+    entries = np.full((layout.samples_per_shard, 2), EMPTY_CHUNK, np.uint64)
+    parts = []
+    offset = 0 if layout.index_at_end else layout.index_nbytes
+    for k in sorted(chunks):
+        chunk = chunks[k]
+        if chunk is None:
+            continue
+        entries[k] = offset, len(chunk)
+        offset += len(chunk)
+        parts.append(chunk)
+    if not parts:
+        return None
+    index = layout.encode_index(entries)
+    return b"".join([*parts, index] if layout.index_at_end else [index, *parts])
 
 
 def chunk_layout(array: zarr.Array) -> ChunkLayout:

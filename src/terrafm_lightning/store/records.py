@@ -15,11 +15,9 @@ import zarr
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
-from terrafm_lightning.modalities import BANDS
+from terrafm_lightning.store.codecs import every_tile_holds_data, write_samples
 from terrafm_lightning.store.schema import (
     NAT,
-    NODATA,
-    PIXEL_DTYPES,
     WORLDCOVER_CODES,
     WORLDCOVER_NODATA,
     WORLDCOVER_WRITTEN,
@@ -84,20 +82,13 @@ def tile_centre(crs: str, transform: Sequence[float], tile_size: int) -> tuple[f
 def write_pixels(root: zarr.Group, indices: Sequence[int], samples: Sequence[Sample]) -> None:
     """Write the pixel arrays (and WorldCover raster, if given) of samples of one shard.
 
-    Missing modalities are written as nodata so a rewritten slot never keeps stale pixels.
+    A missing modality leaves its chunk out (it reads as nodata), so a rewritten slot never keeps
+    stale pixels.
     """
-    size = int(root.attrs["tile_size"])
     for m in root.attrs["modalities"]:
-        if all(m in s.pixels for s in samples):
-            block = np.stack([s.pixels[m] for s in samples]).astype(PIXEL_DTYPES[m], copy=False)
-        else:
-            block = np.full((len(samples), len(BANDS[m]), size, size), NODATA[m], PIXEL_DTYPES[m])
-            for k, sample in enumerate(samples):
-                if m in sample.pixels:
-                    block[k] = sample.pixels[m]
-        write_rows(root[m], indices, block)
+        write_samples(root[m], indices, [s.pixels.get(m) for s in samples])
     if all(s.worldcover is not None for s in samples):
-        write_rows(root["worldcover"], indices, np.stack([s.worldcover for s in samples]))
+        write_samples(root["worldcover"], indices, [s.worldcover for s in samples])
 
 
 def write_rows(array: zarr.Array, indices: Sequence[int], block: np.ndarray) -> None:
@@ -117,16 +108,6 @@ def write_rows(array: zarr.Array, indices: Sequence[int], block: np.ndarray) -> 
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(idx)], strict=True):
         array[int(idx[start]) : int(idx[stop - 1]) + 1] = block[start:stop]
-
-
-def every_tile_holds_data(block: np.ndarray, fill: Any) -> bool:
-    """Cheap proof that no tile of ``block`` (sample, ...) is all ``fill``: its first row is not.
-
-    False means "not proven" (zarr then checks each chunk and leaves all-fill ones out).
-    """
-    first_rows = block[(slice(None),) + (0,) * (block.ndim - 2)]
-    is_fill = np.isnan(first_rows) if np.isnan(fill) else first_rows == fill
-    return bool((~is_fill).any(axis=-1).all())
 
 
 def sample_record(root_attrs: Mapping[str, Any], sample: Sample) -> dict[str, Any]:

@@ -35,8 +35,9 @@ from rasterio.windows import Window, from_bounds
 from terrafm_lightning.prep.driver import PrepReport, TaskResult, guarded, run_shards, set_dropped
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.lock import store_lock
+from terrafm_lightning.store.codecs import write_samples
 from terrafm_lightning.store.format import consolidate, open_store, update_class_frequencies
-from terrafm_lightning.store.records import worldcover_record, write_rows
+from terrafm_lightning.store.records import worldcover_record
 from terrafm_lightning.store.schema import (
     DROPPED,
     WORLDCOVER_CODES,
@@ -160,7 +161,7 @@ def worldcover_shard_task(
     tiles, errors = guarded(indices, lambda i: worldcover_tile(sources, *meta[i], size))
     ok = sorted(tiles)
     if ok:
-        write_rows(root["worldcover"], ok, np.stack([tiles[i][0] for i in ok]))
+        write_samples(root["worldcover"], ok, [tiles[i][0] for i in ok])
     counts = Counter(p for i in ok for p in tiles[i][2])
     records = {i: worldcover_record(tiles[i][0], tiles[i][1]) for i in ok}
     return TaskResult(records, errors, counts)

@@ -33,7 +33,7 @@ from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.pairing import pair_inputs
-from terrafm_lightning.prep.raster import align, tile_transform, tile_window
+from terrafm_lightning.prep.raster import GDAL_READ_OPTIONS, align, tile_transform, tile_window
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
 from terrafm_lightning.store.schema import NODATA, Encoding
@@ -58,6 +58,11 @@ def has_offset(product_id: str, timestamp: np.datetime64) -> bool:
     return bool(np.datetime64(timestamp, "D") >= OFFSET_SINCE)
 
 
+DB_PER_LN = np.float32(10 / np.log(10))
+"""10 log10(x) = DB_PER_LN ln(x): numpy's float32 ``log`` is vectorised, its ``log10`` is not
+(measured 9 against 19-35 ms per 1068 px S1 pair of bands; results within 2 float32 ulp)."""
+
+
 def linear_to_db(linear: np.ndarray) -> np.ndarray:
     """S1 linear gamma0 -> float32 dB; nodata (-32768), non-finite and <= 0 become NaN.
 
@@ -66,8 +71,8 @@ def linear_to_db(linear: np.ndarray) -> np.ndarray:
     linear = linear.astype(np.float32, copy=False)
     valid = (linear > 0) & (linear < np.inf)  # also excludes NaN and -32768
     out = np.full(linear.shape, np.nan, np.float32)
-    np.log10(linear, out=out, where=valid)
-    out *= 10
+    np.log(linear, out=out, where=valid)
+    out *= DB_PER_LN
     return out
 
 
@@ -154,7 +159,8 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
         for group in range(meta.num_row_groups):
             rows = meta.metadata.row_group(group).num_rows
             if row < start + rows:
-                table = meta.read_row_group(group, columns=list(columns))
+                # One thread, as every prep worker (arrow would decode columns on all cores).
+                table = meta.read_row_group(group, columns=list(columns), use_threads=False)
                 values = {}
                 for name in table.column_names:
                     value = table.column(name)[row - start]
@@ -182,13 +188,13 @@ def decode_cell(
     columns = COLUMNS[modality]
     values = _row(file, row, ("grid_cell", *columns))
     stack, grid = None, None
-    with rasterio.Env():  # one GDAL environment for all bands, not one per open
+    with rasterio.Env(**GDAL_READ_OPTIONS):  # one GDAL environment for all bands
         for k, column in enumerate(columns):
             blob = values.get(column)
             if blob is None or not blob.size:
                 raise InputError(f"{file} row {row} ({values['grid_cell']}): empty column {column}")
             try:
-                with MemoryFile(memoryview(blob)) as mem, mem.open() as src:
+                with MemoryFile(memoryview(blob)) as mem, mem.open(driver="GTiff") as src:
                     this = (src.crs, src.transform, src.shape)
                     if grid is None:
                         grid = this
