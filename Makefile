@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
+.PHONY: install test lint docs demo eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# The filter drops this machine's noisy "index location ignored" warnings; pipefail keeps
 	# pip's exit status.
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,docs]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/python -c "import terrafm_lightning, torch, torchvision, timm"
 	touch $(STAMP)
 
@@ -59,6 +59,11 @@ test: install
 lint: install
 	$(BIN)/ruff check src tests benchmarks data_prep
 	$(BIN)/ruff format --check src tests benchmarks data_prep
+
+# The documentation site (MkDocs Material + mkdocstrings) into site/; --strict fails on a broken
+# link, nav entry or API reference.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # Data preparation (terrafm-data; see docs/data_store.md). STORE is the output store path or URL;
 # OPTS adds options to the command, e.g. OPTS="--match '(?P<key>.+)_s[12]_(?P<p>.+)\.tif'".
