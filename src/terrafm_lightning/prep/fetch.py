@@ -11,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import time
 from collections.abc import Callable, Iterator
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import IO, TypeVar
 
 import fsspec
 import pyarrow.parquet as pq
+from fsspec.implementations.http import HTTPFileSystem
 
 from terrafm_lightning.prep.errors import InputError
 
@@ -30,7 +33,8 @@ FIRST_DELAY = 0.5
 """Seconds before the first retry; doubled at each further retry (0.5, 1, 2, 4: 7.5 s in all)."""
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 CHUNK_BYTES = 8 << 20
-"""Bytes per ranged read of :func:`fetch_file` (a resumed fetch restarts at a chunk boundary)."""
+"""Bytes per ranged read of :func:`fetch_file` (what a kill can lose is resumed from the end of
+the bytes written: they are a prefix of the file)."""
 
 
 def is_remote(path: str) -> bool:
@@ -38,13 +42,25 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+def _status(err: BaseException) -> int | None:
+    """The HTTP status behind a failure, also when fsspec wrapped it (``raise ... from``)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        status = getattr(seen, "status", None) or getattr(seen, "code", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__
+    return None
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether a read failure is worth retrying (network trouble, overload, server errors)."""
-    status = getattr(err, "status", None) or getattr(err, "code", None)
-    if isinstance(status, int):
+    status = _status(err)
+    if status is not None:
         return status in TRANSIENT_STATUS
     if isinstance(err, FileNotFoundError | PermissionError | InputError):
-        return False
+        # fsspec's HTTP ``info`` turns any failure into FileNotFoundError: look at the cause.
+        return err.__cause__ is not None and is_transient(err.__cause__)
     return isinstance(err, ConnectionError | TimeoutError | asyncio.TimeoutError | OSError) or (
         type(err).__module__.startswith("aiohttp")
     )
@@ -52,28 +68,33 @@ def is_transient(err: BaseException) -> bool:
 
 def describe(err: BaseException) -> str:
     """A one-line description of a read failure (HTTP status when there is one)."""
-    status = getattr(err, "status", None)
+    status = _status(err)
+    if status is not None:
+        return f"HTTP {status}"
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"HTTP {status}" if isinstance(status, int) else f"{type(err).__name__}: {text}"
+    return f"{type(err).__name__}: {text}"
 
 
 def with_retries(
     call: Callable[[], T],
     what: str,
-    attempts: int = ATTEMPTS,
-    first_delay: float = FIRST_DELAY,
+    attempts: int | None = None,
+    first_delay: float | None = None,
 ) -> T:
     """``call()``, retried with backoff on transient failures; other failures named at once.
 
     Args:
         call: the read.
         what: the URL or file read, for the error message.
-        attempts: most tries.
-        first_delay: seconds before the first retry (doubled each time).
+        attempts: most tries (default :data:`ATTEMPTS`).
+        first_delay: seconds before the first retry, doubled each time (default
+            :data:`FIRST_DELAY`).
 
     Raises:
         InputError: naming ``what`` and the failure.
     """
+    attempts = ATTEMPTS if attempts is None else attempts
+    first_delay = FIRST_DELAY if first_delay is None else first_delay
     for attempt in range(attempts):
         try:
             return call()
@@ -92,39 +113,53 @@ def with_retries(
 
 
 @contextlib.contextmanager
-def open_input(path: str) -> Iterator[IO[bytes] | str]:
-    """A local path as is, or a remote file opened for ranged reads (no read-ahead cache)."""
+def parquet_file(path: str) -> Iterator[pq.ParquetFile]:
+    """A parquet file: memory-mapped when local; when remote, opened for ranged reads.
+
+    A remote file's footer is read once per process (:func:`remote_footer`); its row groups
+    read later fetch just their selected column chunks, one range request each.
+    """
     if not is_remote(path):
-        yield path.removeprefix("file://")
+        yield pq.ParquetFile(path.removeprefix("file://"), memory_map=True)  # no copy
         return
-    fs, inner = fsspec.core.url_to_fs(path)
-    with fs.open(inner, "rb", cache_type="none") as f:
-        yield f
+    size, metadata = remote_footer(path)
+    with _open_remote(path, size) as f:
+        yield pq.ParquetFile(f, metadata=metadata)
 
 
 @contextlib.contextmanager
-def parquet_file(path: str) -> Iterator[pq.ParquetFile]:
-    """A parquet file: memory-mapped when local; when remote, only its footer is read now.
+def _open_remote(url: str, size: int | None = None) -> Iterator[IO[bytes]]:
+    """``url`` opened without read-ahead (each read one range request), its size if known."""
+    fs, inner = fsspec.core.url_to_fs(url)
+    known = {"size": size} if size is not None and isinstance(fs, HTTPFileSystem) else {}
+    with fs.open(inner, "rb", cache_type="none", **known) as f:
+        yield f
 
-    Row groups read later fetch their selected column chunks with one range request each.
+
+@lru_cache(maxsize=64)
+def remote_footer(url: str) -> tuple[int, pq.FileMetaData]:
+    """Size and metadata of a remote parquet file: two ranged reads of exactly its footer.
+
+    pyarrow alone would read the last 64 KiB, which can hold row groups nobody asked for.
     """
-    with open_input(path) as source:
-        if isinstance(source, str):
-            yield pq.ParquetFile(source, memory_map=True)  # no copy of the file bytes
-        else:
-            yield pq.ParquetFile(source)
+    with _open_remote(url) as f:
+        size = f.size
+        f.seek(size - 8)
+        tail = f.read(8)
+        if len(tail) != 8 or tail[4:] != b"PAR1":
+            raise InputError(f"{url} is not a parquet file (no PAR1 footer)")
+        length = int.from_bytes(tail[:4], "little")
+        if length + 12 > size:
+            raise InputError(f"{url}: footer of {length} bytes in a {size}-byte file (truncated?)")
+        f.seek(size - 8 - length)
+        footer = f.read(length)
+    return size, pq.read_metadata(io.BytesIO(b"PAR1" + footer + tail))
 
 
 def read_bytes(url: str) -> bytes:
     """A whole (small) file, with retries."""
-
-    def read() -> bytes:
-        with open_input(url) as source:
-            if isinstance(source, str):
-                return Path(source).read_bytes()
-            return source.read()
-
-    return with_retries(read, url)
+    fs, inner = fsspec.core.url_to_fs(url)
+    return with_retries(lambda: fs.cat_file(inner), url)
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -173,12 +208,11 @@ def fetch_file(
     if size is not None and done > size:
         part.unlink()  # not a prefix of this file
         done = 0
-    done -= done % CHUNK_BYTES  # restart at a chunk boundary: a torn last write is redone
     with part.open("r+b" if part.exists() else "wb") as out:
         out.truncate(done)
         out.seek(done)
         while size is None or done < size:
-            chunk = with_retries(lambda: _read_range(url, done, CHUNK_BYTES), url)
+            chunk = with_retries(partial(fs.cat_file, inner, done, done + CHUNK_BYTES), url)
             if not chunk:
                 break
             out.write(chunk)
@@ -194,8 +228,3 @@ def fetch_file(
         )
     os.replace(part, dest)
     return True
-
-
-def _read_range(url: str, start: int, length: int) -> bytes:
-    fs, inner = fsspec.core.url_to_fs(url)
-    return fs.cat_file(inner, start=start, end=start + length)
