@@ -46,7 +46,7 @@ def _status(err: BaseException) -> int | None:
     """The HTTP status behind a failure, also when fsspec wrapped it (``raise ... from``)."""
     seen: BaseException | None = err
     while seen is not None:
-        status = getattr(seen, "status", None) or getattr(seen, "code", None)
+        status = getattr(seen, "status", None)  # aiohttp's ClientResponseError
         if isinstance(status, int):
             return status
         seen = seen.__cause__
