@@ -49,44 +49,62 @@ def grid_cell(stem: str) -> str:
     return "_".join(stem.split("_")[:2])
 
 
-def write_real_fixture(samples: Path, root: Path, compress: str | None = None) -> dict[str, Path]:
+def write_real_fixture(
+    samples: Path, root: Path, compress: str | None = None, size: int = SIZE, copies: int = 1
+) -> dict[str, Path]:
     """Core-S1RTC / Core-S2L1C / Core-S2L2A under ``root`` from the real samples.
 
     Args:
         samples: the ``terramind_examples`` folder.
         root: output folder.
         compress: GeoTIFF compression of the band columns (None: as rasterio writes).
+        size: cell size; above 224 px the real pixels are mirrored out to it (benchmarks).
+        copies: the locations written this many times, as further grid cells (row + 1000 k).
 
     Returns:
         modality -> dataset folder.
     """
     out = {}
     for m, folder in FOLDERS.items():
-        parts: list[list[dict]] = [[], []]
+        parts: list[list[dict]] = [
+            [] for _ in range(-(-len(locations(samples)) * copies // ROWS_PER_PART))
+        ]
         meta = []
-        for k, stem in enumerate(locations(samples)):
+        for k, (copy, stem) in enumerate((c, s) for c in range(copies) for s in locations(samples)):
             with rasterio.open(samples / folder / f"{stem}.tif") as src:
                 data, crs, transform, bounds = src.read(), src.crs, src.transform, src.bounds
+            if size != SIZE:
+                reps = -(-size // SIZE)
+                data = np.pad(data, ((0, 0), (0, reps * SIZE - SIZE), (0, reps * SIZE - SIZE)),
+                              mode="symmetric")[:, :size, :size]  # fmt: skip
+            cell = grid_cell(stem)
+            if copy:
+                cell = (
+                    f"{int(cell.split('_')[0][:-1]) + 1000 * copy}{cell.split('_')[0][-1]}_"
+                    + (cell.split("_")[1])
+                )
+            k_date = k % len(DATES)
             if m == "s1":
                 linear = np.where(np.isfinite(data), 10 ** (data / 10), -32768.0)
                 data = linear.astype(np.float32)
             else:
                 data = np.clip(data, 0, None).astype(np.uint16)
-            date = DATES[k].replace("-", "")
+            date = DATES[k_date].replace("-", "")
             kind = (
                 "S1A_IW_GRDH_1SDV" if m == "s1" else f"S2A_MSI{'L1C' if m == 's2_l1c' else 'L2A'}"
             )
-            product = f"{kind}_{date}T101031_N0300_R022_T{stem[:5]}_{date}T120000"
+            product = f"{kind}_{date}T101031_N0300_R{22 + copy:03d}_T{stem[:5]}_{date}T120000"
             row = {
                 band: _tif(b, crs, transform, compress)
                 for band, b in zip(FILE_BANDS[m], data, strict=True)
             }
             if m != "s1":
-                row["cloud_mask"] = _tif(np.zeros((SIZE, SIZE), np.uint8), crs, transform, compress)
+                mask = np.zeros((size, size), np.uint8)
+                row["cloud_mask"] = _tif(mask, crs, transform, compress)
             row["thumbnail"] = geotiff_bytes(np.zeros((8, 8), np.uint8), 0, "PNG")
             row["product_id"] = product
-            row["grid_cell"] = grid_cell(stem)
-            row["timestamp"] = np.datetime64(f"{DATES[k]}T10:10:31")
+            row["grid_cell"] = cell
+            row["timestamp"] = np.datetime64(f"{DATES[k_date]}T10:10:31")
             part, index = divmod(k, ROWS_PER_PART)
             parts[part].append(row)
             lon, lat = warp_points(
@@ -97,12 +115,12 @@ def write_real_fixture(samples: Path, root: Path, compress: str | None = None) -
             )
             meta.append(
                 {
-                    "grid_cell": grid_cell(stem),
-                    "grid_row_u": int(stem.split("_")[0][:-1]),
+                    "grid_cell": cell,
+                    "grid_row_u": int(cell.split("_")[0][:-1]),
                     "grid_col_r": int(stem.split("_")[1][:-1]),
                     "product_id": product,
                     "timestamp": row["timestamp"],
-                    **({} if m == "s1" else {"cloud_cover": CLOUD_COVER[k]}),
+                    **({} if m == "s1" else {"cloud_cover": CLOUD_COVER[k_date]}),
                     "nodata": 0.0,
                     "centre_lat": lat[0],
                     "centre_lon": lon[0],
