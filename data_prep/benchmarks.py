@@ -103,7 +103,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "copernicus_bench",
             "Copernicus-Bench (Wang et al. 2025), hf.co/datasets/wangyi111/Copernicus-Bench "
             "via torchgeo",
-            "CC-BY-4.0",
+            "not verified here: see the Hugging Face dataset card",
             "not published; --list asks the source",
             tuple(f"copernicus_bench/{t}" for t in tasks),
         )
@@ -114,7 +114,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             f"geobench-{task}",
             f"geobench/{kind}_{GEOBENCH_VERSION}/{task}",
             f"GEO-Bench {GEOBENCH_VERSION} (Lacoste et al. 2023), zenodo.org/records/{record}",
-            "CC-BY-SA-4.0 (per-dataset source licences apply)",
+            "see the Zenodo record (each source dataset's licence applies)",
             "all 12 GEO-Bench tasks ~65 GB with archives, 57 GB extracted (geo-bench README)",
             (f"geobench/{kind}_{GEOBENCH_VERSION}/{task}",),
             flat=True,
