@@ -29,7 +29,7 @@ from terrafm_lightning.prep.sources.majortom_remote import (
     prepare_majortom_remote,
 )
 from terrafm_lightning.store.schema import Encoding
-from tests.conftest import shared_path
+from tests.conftest import create_bucket, shared_path
 from tests.generators.http_server import serve
 from tests.generators.majortom_real import (
     CLOUD_COVER,
@@ -311,3 +311,27 @@ def test_bad_input_is_one_line_and_nothing_marked_done(
     else:
         written = zarr.open_group(str(out), mode="r")["written"][:]
         assert not written[4 * bad_cell : 4 * bad_cell + 4].any()
+
+
+def test_local_folder_base_url_gives_the_same_store(fixture_root, local_store, tmp_path):
+    out = str(tmp_path / "folder.zarr")
+    prepare_majortom_remote(str(fixture_root), MODALITIES, out, Selection(), **RUN)
+    stores_equal(out, local_store)
+
+
+def test_s3_base_url_gives_the_same_store(
+    s3_server, fixture_root, local_store, tmp_path, monkeypatch
+):
+    import fsspec
+
+    create_bucket(s3_server)
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_server}",
+                        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(fixture_root), "bucket/mt", recursive=True)
+    fsspec.filesystem("s3").invalidate_cache()
+    out = str(tmp_path / "s3.zarr")
+    prepare_majortom_remote("s3://bucket/mt", MODALITIES, out, Selection(), **RUN)
+    stores_equal(out, local_store)
