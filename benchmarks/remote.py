@@ -70,7 +70,7 @@ def compressed_sizes(root: Path) -> tuple[int, int]:
     """(whole row groups, needed columns) compressed bytes over every image parquet."""
     whole = needed = 0
     for m in MODALITIES:
-        columns = {"product_id", "grid_cell", *majortom.COLUMNS[m]}
+        columns = set(majortom.row_columns(m))
         for part in sorted((root / DATASETS[m] / "images").glob("*.parquet")):
             meta = pq.read_metadata(part)
             for g in range(meta.num_row_groups):

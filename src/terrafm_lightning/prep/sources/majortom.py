@@ -46,6 +46,13 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """Major-TOM band columns read per modality (L1C's B10 column is not read)."""
 S1_NODATA = -32768.0
+
+
+def row_columns(modality: str) -> tuple[str, ...]:
+    """The columns read from a product's row: its cell and product id (checked), its bands."""
+    return ("grid_cell", "product_id", *COLUMNS[modality])
+
+
 S2_OFFSET = 1000
 OFFSET_SINCE = np.datetime64("2022-01-25")
 _BASELINE = re.compile(r"_N(\d{4})_")
@@ -230,7 +237,7 @@ def decode_cell(
             metadata's ``product_id``.
     """
     columns = COLUMNS[modality]
-    values = _row(file, row, ("grid_cell", "product_id", *columns))
+    values = _row(file, row, row_columns(modality))
     if values["product_id"] != product_id:
         raise InputError(
             f"{file} row {row} holds product {values['product_id']}, the metadata says "

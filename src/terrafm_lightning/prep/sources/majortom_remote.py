@@ -32,9 +32,9 @@ from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.fetch import parquet_file, read_bytes, with_retries
 from terrafm_lightning.prep.sources.majortom import (
-    COLUMNS,
     check_metadata,
     plan_from_tables,
+    row_columns,
     write_cells,
 )
 
@@ -178,7 +178,7 @@ def fetch_bytes(cells: Sequence[Mapping[str, Any]]) -> dict[str, int]:
                 wanted.setdefault(m, {}).setdefault(cell[m]["file"], set()).add(cell[m]["row"])
     total: dict[str, int] = {}
     for m, files in wanted.items():
-        columns = {"product_id", *COLUMNS[m]}
+        columns = set(row_columns(m))
         for file, rows in files.items():
             meta = with_retries(lambda f=file: _footer(f), file)
             total[m] = total.get(m, 0) + sum(
