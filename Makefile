@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint docs demo eval data-synthetic data-majortom data-geotiff data-worldcover data-stats data-validate
+.PHONY: install test lint docs demo eval data-synthetic data-majortom data-majortom-remote data-geotiff data-worldcover data-stats data-validate data-benchmarks
 
 install: $(STAMP)
 
@@ -82,6 +82,21 @@ data-synthetic: install
 data-majortom: install
 	$(BIN)/terrafm-data majortom $(STORE) --s1 $(MAJORTOM)/Core-S1RTC \
 		--s2-l1c $(MAJORTOM)/Core-S2L1C --s2-l2a $(MAJORTOM)/Core-S2L2A --tile-size $(TILE_SIZE) $(OPTS)
+
+# A Major-TOM Core subset read straight from the published parquets (only the selected rows),
+# e.g. OPTS="--bbox 8 54.5 13 58 --max-cloud 10 --cells 100" (add --dry-run to see its cost).
+# BASE_URL: a mirror, a local copy or s3:// instead of Hugging Face (docs/getting_data.md).
+BASE_URL ?=
+data-majortom-remote: install
+	$(BIN)/terrafm-data majortom-remote $(STORE) --tile-size $(TILE_SIZE) \
+		$(if $(BASE_URL),--base-url $(BASE_URL)) $(OPTS)
+
+# The paper's benchmarks fetched, verified and laid out for `make eval DATA=...`
+# (data_prep/benchmarks.py; NAMES: e.g. "geobench copernicus landslide4sense", default all).
+NAMES ?=
+data-benchmarks: install
+	@test "$(origin DATA)" != file || { echo "make data-benchmarks: give DATA=<folder for the benchmarks>"; exit 2; }
+	$(BIN)/python data_prep/benchmarks.py $(DATA) $(NAMES) $(OPTS)
 
 data-geotiff: install
 	$(BIN)/terrafm-data geotiff $(GEOTIFF) $(STORE) $(OPTS)

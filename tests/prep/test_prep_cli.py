@@ -13,7 +13,9 @@ from terrafm_lightning.prep.cli import build_parser, main
 from terrafm_lightning.prep.driver import local_cluster
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 
-COMMANDS = ("synthetic", "geotiff", "majortom", "worldcover", "stats", "validate")
+COMMANDS = (
+    "synthetic", "geotiff", "majortom", "majortom-remote", "worldcover", "stats", "validate",
+)  # fmt: skip
 
 
 def test_every_argument_of_every_command_has_help(capsys, monkeypatch):

@@ -14,6 +14,14 @@ from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.passes.worldcover import prepare_worldcover
 from terrafm_lightning.prep.sources.geotiff import DEFAULT_FOLDERS, prepare_geotiff
 from terrafm_lightning.prep.sources.majortom import prepare_majortom
+from terrafm_lightning.prep.sources.majortom_remote import (
+    DATASETS,
+    DEFAULT_BASE_URL,
+    Selection,
+    dry_run_lines,
+    plan_remote,
+    prepare_majortom_remote,
+)
 from terrafm_lightning.prep.sources.synthetic import GAIN_RANGE, S2_NOISE, prepare_synthetic
 from terrafm_lightning.store.format import StoreError
 from terrafm_lightning.store.schema import Encoding
@@ -157,6 +165,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-missing", action="store_true", help="keep cells lacking a modality")
 
     p = sub.add_parser(
+        "majortom-remote",
+        parents=prep,
+        help="a Major-TOM Core subset read remotely (only the selected rows) -> store",
+    )
+    p.add_argument("output", help=output)
+    p.add_argument(
+        "--base-url",
+        default=DEFAULT_BASE_URL,
+        help="folder or URL holding Core-S1RTC/, Core-S2L1C/, Core-S2L2A/ (a mirror, a local "
+        "copy, s3://...); '{name}' stands for the dataset (default: Hugging Face, %(default)s)",
+    )
+    p.add_argument(
+        "--modalities",
+        nargs="+",
+        choices=list(DATASETS),
+        default=list(DATASETS),
+        help="datasets joined by grid_cell (default: all three)",
+    )
+    p.add_argument(
+        "--bbox",
+        type=float,
+        nargs=4,
+        metavar=("WEST", "SOUTH", "EAST", "NORTH"),
+        help="cell centres inside this box (degrees)",
+    )
+    p.add_argument("--grid-cells", nargs="+", metavar="CELL", help="these grid cells only")
+    p.add_argument("--start", help="first acquisition time (ISO date or time, inclusive)")
+    p.add_argument("--end", help="last acquisition time (ISO date or time, inclusive)")
+    p.add_argument("--max-cloud", type=float, help="most S2 cloud_cover (percent)")
+    p.add_argument("--max-nodata", type=float, help="most nodata share (0..1)")
+    p.add_argument("--cells", type=int, help="keep the first N selected cells (sorted)")
+    p.add_argument("--tile-size", type=int, default=534, help=f"{tile_size} (default: 534)")
+    p.add_argument(
+        "--cell-size", type=int, default=1068, help="grid cell size in pixels (default: 1068)"
+    )
+    p.add_argument("--allow-missing", action="store_true", help="keep cells lacking a modality")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the selection (products, cells, bytes to fetch) and fetch no images",
+    )
+
+    p = sub.add_parser(
         "worldcover",
         parents=run,
         help="WorldCover maps onto every tile of a store",
@@ -233,6 +284,35 @@ def run(args: argparse.Namespace) -> int:
         report = prepare_majortom(
             roots,
             args.output,
+            args.tile_size,
+            args.cell_size,
+            not args.allow_missing,
+            encoding=_encoding(args),
+            overwrite=args.overwrite,
+            **_run_options(args),
+        )
+    elif args.command == "majortom-remote":
+        selection = Selection(
+            tuple(args.bbox) if args.bbox else None,
+            tuple(args.grid_cells) if args.grid_cells else None,
+            args.start,
+            args.end,
+            args.max_cloud,
+            args.max_nodata,
+            args.cells,
+        )
+        if args.dry_run:
+            cells, notes = plan_remote(
+                args.base_url, args.modalities, selection, not args.allow_missing
+            )
+            for line in [*dry_run_lines(cells, (args.cell_size // args.tile_size) ** 2), *notes]:
+                print(line)
+            return 0
+        report = prepare_majortom_remote(
+            args.base_url,
+            args.modalities,
+            args.output,
+            selection,
             args.tile_size,
             args.cell_size,
             not args.allow_missing,

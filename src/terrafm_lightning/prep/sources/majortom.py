@@ -32,6 +32,7 @@ from rasterio.io import MemoryFile
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.fetch import is_remote, parquet_file, with_retries
 from terrafm_lightning.prep.pairing import pair_inputs
 from terrafm_lightning.prep.raster import GDAL_READ_OPTIONS, align, tile_transform, tile_window
 from terrafm_lightning.prep.writer import write_tiles
@@ -45,6 +46,13 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """Major-TOM band columns read per modality (L1C's B10 column is not read)."""
 S1_NODATA = -32768.0
+
+
+def row_columns(modality: str) -> tuple[str, ...]:
+    """The columns read from a product's row: its cell and product id (checked), its bands."""
+    return ("grid_cell", "product_id", *COLUMNS[modality])
+
+
 S2_OFFSET = 1000
 OFFSET_SINCE = np.datetime64("2022-01-25")
 _BASELINE = re.compile(r"_N(\d{4})_")
@@ -92,6 +100,19 @@ def harmonise_s2(dn: np.ndarray, offset: bool) -> np.ndarray:
     return dn
 
 
+METADATA_COLUMNS = ("grid_cell", "product_id", "timestamp", "parquet_url", "parquet_row")
+"""Columns every Major-TOM metadata parquet must have (others are read when present)."""
+
+
+def check_metadata(meta: pd.DataFrame, where: str) -> None:
+    """Raise naming ``where`` when a metadata table lacks a needed column."""
+    if missing := set(METADATA_COLUMNS) - set(meta.columns):
+        raise InputError(
+            f"{where} lacks columns {sorted(missing)}: not a Major-TOM metadata parquet "
+            f"(needs {list(METADATA_COLUMNS)})"
+        )
+
+
 def read_metadata(root: Path) -> pd.DataFrame:
     """A modality's metadata table, with the image file resolved locally."""
     path = root / "metadata.parquet"
@@ -99,9 +120,7 @@ def read_metadata(root: Path) -> pd.DataFrame:
         meta = pq.read_table(path).to_pandas()
     except Exception as err:
         raise InputError(f"cannot read Major-TOM metadata {path}: {err}") from err
-    needed = {"grid_cell", "product_id", "timestamp", "parquet_url", "parquet_row"}
-    if missing := needed - set(meta.columns):
-        raise InputError(f"{path} lacks columns {sorted(missing)}")
+    check_metadata(meta, str(path))
 
     def local(url: str) -> str:
         name = Path(str(url)).name
@@ -121,15 +140,28 @@ def plan_cells(
 
     The notes list each input of a cell lacking a modality, one line each.
     """
-    tables = {m: read_metadata(Path(r)).set_index("grid_cell") for m, r in roots.items()}
+    tables = {m: read_metadata(Path(r)) for m, r in roots.items()}
+    return plan_from_tables(tables, require_all, ", ".join(str(r) for r in roots.values()))
+
+
+def plan_from_tables(
+    tables: Mapping[str, pd.DataFrame], require_all: bool, places: str
+) -> tuple[list[dict[str, dict[str, Any]]], list[str]]:
+    """:func:`plan_cells` from metadata tables (one product per ``grid_cell``, ``file`` set).
+
+    Args:
+        tables: modality -> metadata with a ``file`` column (the image parquet to read).
+        require_all: keep only cells present in every modality.
+        places: where the tables come from (for the notes).
+    """
+    tables = {m: t.set_index("grid_cell") for m, t in tables.items()}
     found = {
         c: {m: f"{t.at[c, 'file']} row {t.at[c, 'parquet_row']} ({c})" for m, t in tables.items()
             if c in t.index}
         for c in sorted(set().union(*(t.index for t in tables.values())))
     }  # fmt: skip
-    places = ", ".join(str(r) for r in roots.values())
     cells, notes = pair_inputs(
-        found, list(roots), require_all, f"in {places}", "check that they share grid_cell values"
+        found, list(tables), require_all, f"in {places}", "check that they share grid_cell values"
     )
     planned = [
         {
@@ -151,16 +183,35 @@ def plan_cells(
 def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
     """One parquet row (the row group holding it, then the row), restricted to ``columns``.
 
-    Binary values come back as zero-copy ``pyarrow`` buffers, other values as Python objects.
+    A remote ``file`` is read with ranged requests (its footer, then the selected column chunks
+    of that one row group), retried on transient failures. Binary values come back as zero-copy
+    ``pyarrow`` buffers, other values as Python objects.
     """
+    if is_remote(file):
+        return with_retries(lambda: _read_row(file, row, columns), file)
     try:
-        meta = pq.ParquetFile(file, memory_map=True)  # no copy of the file bytes (~30% CPU)
+        return _read_row(file, row, columns)
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"cannot read row {row} of {file}: {err}") from err
+
+
+def _read_row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
+    with parquet_file(file) as meta:
+        if missing := [c for c in columns if c not in meta.schema_arrow.names]:
+            raise InputError(
+                f"{file} has no columns {missing} (the metadata's product needs them; is the "
+                "metadata parquet from the same Major-TOM dataset?)"
+            )
         start = 0
         for group in range(meta.num_row_groups):
             rows = meta.metadata.row_group(group).num_rows
             if row < start + rows:
                 # One thread, as every prep worker (arrow would decode columns on all cores).
                 table = meta.read_row_group(group, columns=list(columns), use_threads=False)
+                if table.num_rows != rows:
+                    raise InputError(f"{file} row group {group}: {table.num_rows} of {rows} rows")
                 values = {}
                 for name in table.column_names:
                     value = table.column(name)[row - start]
@@ -170,11 +221,7 @@ def _row(file: str, row: int, columns: Sequence[str]) -> dict[str, Any]:
                     values[name] = value.as_buffer() if is_binary else value.as_py()
                 return values
             start += rows
-    except InputError:
-        raise
-    except Exception as err:
-        raise InputError(f"cannot read row {row} of {file}: {err}") from err
-    raise InputError(f"{file} has no row {row}")
+    raise InputError(f"{file} has no row {row} (it holds {start}; the metadata is of another file)")
 
 
 @lru_cache(maxsize=6)
@@ -184,9 +231,18 @@ def decode_cell(
     """A cell's bands (band, y, x) in store units, with the grid of its first band.
 
     Cached for the tiles cut from the cell (two cells of three modalities per process).
+
+    Raises:
+        InputError: the row is missing, lacks a band, or holds another product than the
+            metadata's ``product_id``.
     """
     columns = COLUMNS[modality]
-    values = _row(file, row, ("grid_cell", *columns))
+    values = _row(file, row, row_columns(modality))
+    if values["product_id"] != product_id:
+        raise InputError(
+            f"{file} row {row} holds product {values['product_id']}, the metadata says "
+            f"{product_id} (metadata and image parquets out of step: fetch both again)"
+        )
     stack, grid = None, None
     with rasterio.Env(**GDAL_READ_OPTIONS):  # one GDAL environment for all bands
         for k, column in enumerate(columns):
@@ -279,11 +335,48 @@ def prepare_majortom(
     Returns:
         The run's report; ``notes`` lists the inputs of cells lacking a modality.
     """
+    cells, notes = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
+    return write_cells(
+        cells,
+        notes,
+        [m for m in MODALITIES if m in roots],
+        path,
+        tile_size,
+        cell_size,
+        "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items()),
+        encoding=encoding,
+        overwrite=overwrite,
+        storage_options=storage_options,
+        **run_options,
+    )
+
+
+def write_cells(
+    cells: Sequence[Mapping[str, Any]],
+    notes: list[str],
+    modalities: Sequence[str],
+    path: str,
+    tile_size: int,
+    cell_size: int,
+    source: str,
+    **write_options: Any,
+) -> PrepReport:
+    """Tile planned cells (see :func:`plan_from_tables`) into the store at ``path``.
+
+    Args:
+        cells: the planned cells.
+        notes: lines to report (unpaired inputs).
+        modalities: modalities that get an array.
+        path: output store.
+        tile_size: tile size in pixels.
+        cell_size: Major-TOM cell size in pixels.
+        source: the store's ``source`` attribute (the command that made it).
+        **write_options: options of :func:`writer.write_tiles` (encoding, overwrite, run options).
+    """
     if cell_size % tile_size:
         raise InputError(f"cell size {cell_size} is not a multiple of tile size {tile_size}")
     tiles_per_side = cell_size // tile_size
-    cells, notes = plan_cells({m: Path(r) for m, r in roots.items()}, require_all)
-    modalities = [m for m in MODALITIES if m in roots]
+    cells = list(cells)
     plan = {"kind": "majortom", "cells": cells, "tile_size": tile_size, "cell_size": cell_size}
     report = write_tiles(
         path,
@@ -292,11 +385,8 @@ def prepare_majortom(
         tile_size,
         modalities,
         plan,
-        "terrafm-data majortom " + " ".join(f"{m}={r}" for m, r in roots.items()),
-        encoding=encoding,
-        overwrite=overwrite,
-        storage_options=storage_options,
-        **run_options,
+        source,
+        **write_options,
     )
     report.notes = notes + report.notes
     return report
