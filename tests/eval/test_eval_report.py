@@ -331,8 +331,8 @@ def test_the_command_prints_one_line_and_no_traceback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr == (
-        "python -m terrafm_lightning.eval.report: one of the arguments --ckpt --released is "
-        "required (see --help)\n"
+        "python -m terrafm_lightning.eval.report: one of the arguments --ckpt (CKPT=) "
+        "--released (RELEASED=) is required (see --help)\n"
     )
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -370,9 +371,15 @@ def run(
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line."""
+    """An argument parser whose errors are one line, naming the Makefile variable of each flag."""
 
     def error(self, message: str) -> NoReturn:
+        message = re.sub(
+            r"--([a-z-]+)",
+            lambda m: _flag(m[1].replace("-", "_")) if m[1].replace("-", "_") in MAKE_VARIABLES
+            else m[0],
+            message,
+        )  # fmt: skip
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
