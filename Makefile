@@ -30,28 +30,27 @@ demo: install
 		$(if $(filter 0,$(DUAL_CENTERING)),--no-dual-centering)
 
 # Downstream evaluation: the paper's tables (kNN 100% / 1%, frozen probes, fine-tuning with
-# FINETUNE_EPOCHS > 0, segmentation probes) on every benchmark found under DATA, next to the
-# random-init baseline and the paper's TerraFM-B column; results.md / .json / .png in EVAL_OUT.
-# CKPT = pretraining checkpoint (teacher), or RELEASED = TerraFM-B.pth (with
-# BACKBONE=terrafm_large for TerraFM-L.pth). SEEDS = repeats for mean +- std.
-CKPT ?=
-RELEASED ?=
-BACKBONE ?= terrafm_base
-DATA ?= ../shared/data
-EVAL_OUT ?= outputs/eval
-EVAL_EPOCHS ?= 10
-FINETUNE_EPOCHS ?= 0
-SEEDS ?= 1
-# Opt-in seeded split for datasets that lack their official split files (e.g. the samples in DATA).
-SPLIT_SEED ?=
+# FINETUNE_EPOCHS > 0, segmentation probes, UPerNet with UPERNET=1) on every benchmark found
+# under DATA, next to the random-init baseline and the paper's TerraFM-B column; results.md /
+# .json / .png in EVAL_OUT (docs/evaluation.md). CKPT = pretraining checkpoint (teacher), or
+# RELEASED = TerraFM-B.pth (with BACKBONE=terrafm_large for TerraFM-L.pth). Each variable below
+# maps to one option of the report and is passed only when set: the defaults live in the report
+# (`python -m terrafm_lightning.eval.report --help` prints them).
+# $(call option,VAR,--flag): "--flag $(VAR)" when VAR is set; $(call switch,VAR,--flag): "--flag"
+# when VAR=1.
+option = $(if $($(1)),$(2) $($(1)))
+switch = $(if $(filter 1,$($(1))),$(2))
 
 eval: install
-	@test -n "$(CKPT)$(RELEASED)" || { echo "make eval: give CKPT=<pretraining .ckpt> or RELEASED=<TerraFM-B.pth>"; exit 2; }
-	$(BIN)/python -m terrafm_lightning.eval.report \
-		$(if $(CKPT),--ckpt $(CKPT),--released $(RELEASED) --backbone $(BACKBONE)) \
-		--data $(DATA) --out $(EVAL_OUT) --epochs $(EVAL_EPOCHS) \
-		--finetune-epochs $(FINETUNE_EPOCHS) --seeds $(SEEDS) \
-		$(if $(SPLIT_SEED),--split-seed $(SPLIT_SEED))
+	$(BIN)/python -m terrafm_lightning.eval.report $(call option,CKPT,--ckpt) \
+		$(call option,RELEASED,--released) $(call option,BACKBONE,--backbone) \
+		$(if $(BACKBONE_KWARGS),--backbone-kwargs '$(BACKBONE_KWARGS)') \
+		$(call option,DATA,--data) $(call option,EVAL_OUT,--out) \
+		$(call option,EVAL_EPOCHS,--epochs) $(call option,PROBE_STEPS,--probe-steps) \
+		$(call option,FINETUNE_EPOCHS,--finetune-epochs) $(call switch,UPERNET,--upernet) \
+		$(call option,SEEDS,--seeds) $(call option,EVAL_BATCH_SIZE,--batch-size) \
+		$(call option,EVAL_WORKERS,--num-workers) $(call option,SPLIT_SEED,--split-seed) \
+		$(call option,MIN_TEST_SAMPLES,--min-test-samples) $(call switch,DEBUG,--debug)
 
 test: install
 	$(BIN)/pytest -q

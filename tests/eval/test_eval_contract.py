@@ -62,3 +62,19 @@ def test_datamodule_yields_eval_batches(tmp_path, name):
         else:
             assert label.dtype == torch.int64 and label.shape == (n,)
             assert label.min() >= 0 and label.max() < dm.num_classes
+
+
+@pytest.mark.parametrize("name", EXPORTED)
+def test_make_eval_detects_each_datamodule_on_its_own_layout(tmp_path, name):
+    from terrafm_lightning.eval.protocols import BENCHMARKS
+    from terrafm_lightning.eval.report import detect
+
+    root, kwargs = FIXTURES[name](tmp_path / "data")
+    found = detect(root, "x")
+    assert {BENCHMARKS[f.benchmark].datamodule.__name__ for f in found} == {name}
+    # One folder may hold several Copernicus-Bench tasks (dfc2020_s1s2: S1 and S2).
+    task = {k: v for k, v in kwargs.items() if k == "task"}
+    assert task in [f.detection.kwargs for f in found]
+    assert all(f.detection.problem is None for f in found)
+    (tmp_path / "empty").mkdir()
+    assert getattr(datasets, name).detect(tmp_path / "empty") == []

@@ -19,6 +19,7 @@ from terrafm_lightning.modalities import S2_L1C_ALL_BANDS
 from tests.conftest import shared_path
 from tests.generators.benchmarks import (
     GEOBENCH_S2_NAMES,
+    replace_geobench_pickle,
     write_bigearthnet,
     write_eurosat,
     write_geobench,
@@ -181,16 +182,27 @@ def test_geobench_errors(tmp_path):
 
 
 def test_geobench_refuses_arbitrary_pickled_globals(tmp_path):
-    import pickle
+    import os
 
-    import h5py
+    root = write_geobench(tmp_path / "m-eurosat", n=4)
+    for metadata, global_name in ({"label": shutil.rmtree}, "shutil.rmtree"), (os.system, "system"):
+        path = replace_geobench_pickle(root / "sample_0.hdf5", metadata)
+        with pytest.raises(
+            ValueError, match=rf"sample_0.hdf5: .*refusing to unpickle \S*{global_name}"
+        ):
+            read_sample(path)
 
-    path = tmp_path / "evil.hdf5"
-    with h5py.File(path, "w") as f:
-        f.create_dataset("02 - Blue", data=np.zeros((2, 2)))
-        f.attrs["pickle"] = str(pickle.dumps({"label": shutil.rmtree}))
-    with pytest.raises(ValueError, match=r"refusing to unpickle shutil.rmtree"):
-        read_sample(path)
+
+def test_geobench_pickled_list_is_a_one_line_error_naming_the_file(tmp_path):
+    root = write_geobench(tmp_path / "m-eurosat", n=4)
+    replace_geobench_pickle(root / "sample_0.hdf5", ["not", "a", "dict"])
+    message = (
+        f"{root / 'sample_0.hdf5'}: not a GEO-Bench v1 sample (ValueError: pickled metadata is "
+        "a list, not a dict)"
+    )
+    with pytest.raises(ValueError) as err:
+        GeoBenchDataModule(root)  # reads the first training sample
+    assert str(err.value) == message
 
 
 def test_geobench_real_brick_kiln_samples():

@@ -4,9 +4,17 @@ import pytest
 import torch
 from lightning import LightningModule, Trainer
 from torch import nn
+from torch.utils.data import DataLoader
 
 from terrafm_lightning.eval.datasets import EuroSATDataModule
-from terrafm_lightning.eval.knn import KNNCallback, KNNProbe, knn_evaluate, knn_scores
+from terrafm_lightning.eval.features import extract_features
+from terrafm_lightning.eval.knn import (
+    KNNCallback,
+    KNNProbe,
+    cross_fold_knn,
+    knn_evaluate,
+    knn_scores,
+)
 from terrafm_lightning.models import terrafm_tiny
 from tests.generators.benchmarks import write_eurosat
 
@@ -53,6 +61,21 @@ def test_knn_evaluate_separable_clusters_and_label_count_check():
         knn_scores(train, train_y[:99], test, 5)
 
 
+def test_cross_fold_knn_each_half_queries_the_other():
+    # Samples 0, 2, 4 (fold 0) and 1, 3, 5 (fold 1); each fold's nearest labelled point is in
+    # the other fold: pairs (0, 1), (2, 3), (4, 5) are close, with labels 0, 1, 2.
+    features = torch.tensor(
+        [[1.0, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0.1, 0.9, 0], [0, 0, 1], [0, 0.1, 0.9]]
+    )
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert cross_fold_knn(features, labels, 3, k=1).tolist() == [0, 0, 1, 1, 2, 2]
+    assert cross_fold_knn(features, torch.tensor([0, 1, 1, 2, 2, 0]), 3, k=1).tolist() == [
+        1, 0, 2, 1, 0, 2
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="at least 2 samples, got 1"):
+        cross_fold_knn(features[:1], labels[:1], 3)
+
+
 @pytest.fixture(scope="module")
 def eurosat(tmp_path_factory):
     return write_eurosat(tmp_path_factory.mktemp("eurosat"), per_class=3, size=32)
@@ -63,9 +86,12 @@ def test_knn_probe_validates_offline_on_eurosat(eurosat):
     probe = KNNProbe(dm.num_classes, dm.multilabel, k=5, **TINY)
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(probe, datamodule=dm, verbose=False)[0]
-    # The synthetic classes differ in brightness: even a random ViT separates most of them.
-    assert metrics["val/knn/top1"] > 0.5
     assert probe.bank[0].shape == (20, 192)
+    bank = extract_features(probe.backbone, DataLoader(dm.datasets["train"], batch_size=8))
+    queries = extract_features(probe.backbone, dm.val_dataloader())
+    expected = knn_evaluate(*bank, *queries, 10, k=5)
+    assert metrics["val/knn/top1"] == pytest.approx(expected["top1"])
+    assert metrics["val/knn/f1_macro"] == pytest.approx(expected["f1_macro"])
 
 
 class _Pretrainer(LightningModule):
@@ -102,7 +128,13 @@ def test_knn_callback_logs_top1_every_n_epochs(eurosat):
     module = _Pretrainer()
     trainer.fit(module, train_dataloaders=[{"x": torch.zeros(1)}])
     assert "knn/top1" not in calls[0]  # epoch 1 is skipped with every_n_epochs=2
-    assert float(calls[1]["knn/top1"]) > 0.5
+    bank, queries = (
+        extract_features(module.teacher.backbone, getattr(dm, f"{s}_dataloader")())
+        for s in ("train", "val")
+    )
+    assert float(calls[1]["knn/top1"]) == pytest.approx(
+        knn_evaluate(*bank, *queries, 10, k=5)["top1"]
+    )
     assert module.teacher.backbone.training  # restored after feature extraction
     with pytest.raises(ValueError, match="every_n_epochs"):
         KNNCallback(dm, every_n_epochs=0)

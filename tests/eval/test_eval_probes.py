@@ -1,6 +1,13 @@
 import pytest
 import torch
 from lightning import Trainer
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+)
 
 from terrafm_lightning.eval import FineTune, LinearProbe, SegmentationProbe
 from terrafm_lightning.eval.datasets import (
@@ -8,6 +15,8 @@ from terrafm_lightning.eval.datasets import (
     EuroSATDataModule,
     Sen1Floods11DataModule,
 )
+from terrafm_lightning.eval.features import SplitFeatures
+from terrafm_lightning.eval.linear_probe import LinearHead, linear_probe_on_features
 from terrafm_lightning.eval.task import BackboneTask
 from terrafm_lightning.models import export_released_weights
 from tests.generators.benchmarks import (
@@ -25,6 +34,25 @@ def trainer(epochs=1, **kwargs):
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def predictions(module, loader):
+    """The module's outputs and the labels over a whole loader (eval mode)."""
+    module.eval()
+    outputs, labels = zip(
+        *(
+            (
+                module(batch, batch["label"].shape[-2:])
+                if batch["label"].ndim == 3
+                else module(batch),
+                batch["label"],
+            )
+            for batch in loader
+        ),
+        strict=True,
+    )
+    return torch.cat(outputs), torch.cat(labels)
 
 
 def same_weights(a, b):
@@ -84,7 +112,12 @@ def test_linear_probe_learns_with_a_frozen_backbone(eurosat, tmp_path):
     test = t.test(probe, datamodule=dm, verbose=False)[0]
     assert all(torch.equal(before[k], v) for k, v in probe.backbone.state_dict().items())
     # >= 7 of 10 test tiles (float32 makes 7/10 0.69999999).
-    assert test["test/top1"] >= 0.7 - 1e-6 and 0 <= test["test/f1_macro"] <= 1
+    assert test["test/top1"] >= 0.7 - 1e-6
+    logits, labels = predictions(probe, dm.test_dataloader())
+    assert test["test/top1"] == pytest.approx(
+        float(MulticlassAccuracy(10, average="micro")(logits, labels))
+    )
+    assert test["test/f1_macro"] == pytest.approx(float(MulticlassF1Score(10)(logits, labels)))
 
 
 def test_linear_probe_cls_mean_and_bad_pooling():
@@ -110,7 +143,15 @@ def test_multilabel_linear_probe_on_bigearthnet_s1_s2_fusion(tmp_path):
     t = trainer(epochs=2)
     t.fit(probe, datamodule=dm)
     test = t.test(probe, datamodule=dm, verbose=False)[0]
-    assert {"test/f1_micro", "test/f1_macro", "test/map"} <= set(test)
+    logits, labels = predictions(probe, dm.test_dataloader())
+    probs, labels = logits.sigmoid(), labels.long()
+    assert test["test/f1_micro"] == pytest.approx(
+        float(MultilabelF1Score(19, average="micro")(probs, labels))
+    )
+    assert test["test/f1_macro"] == pytest.approx(
+        float(MultilabelF1Score(19, average="macro")(probs, labels))
+    )
+    assert test["test/map"] == pytest.approx(float(MultilabelAveragePrecision(19)(probs, labels)))
 
 
 def test_finetune_layer_decay_and_unfrozen_backbone(eurosat):
@@ -161,7 +202,11 @@ def test_segmentation_probe_shapes_and_training(floods, head):
     t = trainer(epochs=2)
     t.fit(probe, datamodule=dm)
     test = t.test(probe, datamodule=dm, verbose=False)[0]
-    assert 0 <= test["test/miou"] <= 1 and "test/pixel_acc" in test
+    logits, labels = predictions(probe, dm.test_dataloader())
+    miou = MulticlassJaccardIndex(2, ignore_index=-1)(logits, labels)
+    pixel_acc = MulticlassAccuracy(2, average="micro", ignore_index=-1)(logits, labels)
+    assert test["test/miou"] == pytest.approx(float(miou))
+    assert test["test/pixel_acc"] == pytest.approx(float(pixel_acc))
     if head == "upernet":
         assert probe.block_indices == [0, 0, 1, 1]
 
@@ -177,3 +222,55 @@ def test_segmentation_ignore_index_is_excluded():
     assert probe.metrics["val"].compute()["miou"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="head"):
         SegmentationProbe(2, head="fcn", **TINY)
+
+
+def test_backbone_kwargs_that_contradict_the_checkpoint_are_refused(tmp_path):
+    pretraining_checkpoint(tmp_path / "pre.ckpt")  # depth 2, embed_dim 192, 3 modalities
+    path = str(tmp_path / "pre.ckpt")
+    for key, value, have in (
+        ("depth", 4, "2"),
+        ("embed_dim", 384, "192"),
+        ("modalities", ["s1"], "['s1', 's2_l1c', 's2_l2a']"),
+    ):
+        with pytest.raises(ValueError) as err:
+            BackboneTask(checkpoint=path, backbone_kwargs={key: value})
+        assert str(err.value) == (
+            f"{path}: the checkpoint's backbone has {key}={have}, backbone_kwargs asks "
+            f"{key}={value}; remove {key} from backbone_kwargs (the checkpoint sets the "
+            "architecture) or give a checkpoint of that architecture"
+        )
+    same = {"depth": 2, "embed_dim": 192, "modalities": ["s2_l2a", "s1", "s2_l1c"]}
+    task = BackboneTask(checkpoint=path, backbone_kwargs={**same, "drop_path_rate": 0.0})
+    assert len(task.backbone.blocks) == 2
+
+
+def test_linear_probe_on_separable_features_is_exact():
+    centres = torch.eye(4) * 10
+    train_y, test_y = torch.arange(4).repeat(5), torch.arange(4).repeat(2)
+    train = SplitFeatures(centres[train_y] + 0.1 * torch.randn(20, 4), train_y)
+    test = SplitFeatures(centres[test_y] + 0.1 * torch.randn(8, 4), test_y)
+    assert linear_probe_on_features(train, test, 4, steps=100) == {"top1": 1.0, "f1_macro": 1.0}
+    multi = SplitFeatures(train.features, torch.eye(4)[train_y])
+    got = linear_probe_on_features(multi, SplitFeatures(test.features, torch.eye(4)[test_y]), 4,
+                                   multilabel=True, steps=200)  # fmt: skip
+    assert got == {"f1_micro": 1.0, "f1_macro": 1.0, "map": 1.0}
+
+
+def test_linear_head_loss_and_scores():
+    head = LinearHead(3, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        head.weight, 0.01 * torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    )
+    assert torch.equal(head.bias, torch.zeros(2))
+    logits = torch.tensor([[2.0, -1.0]])
+    assert head.loss(logits, torch.tensor([0])) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.tensor([0])))
+    )
+    assert torch.equal(head.scores(logits), logits)
+    multi = LinearHead(3, 2, multilabel=True)
+    assert torch.equal(multi.scores(logits), logits.sigmoid())
+    assert multi.loss(logits, torch.tensor([[1, 0]])) == pytest.approx(
+        float(
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0]]))
+        )
+    )

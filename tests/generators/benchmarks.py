@@ -248,12 +248,14 @@ def write_geobench(
     extra_s1: bool = False,
     georeferenced: bool = False,
     content_bands: Sequence[str] | None = None,
+    partition: bool = True,
 ) -> Path:
     """GEO-Bench v1 HDF5 samples (``classification``, ``multilabel`` or ``segmentation``).
 
     ``georeferenced`` pickles an ``affine.Affine`` transform and a ``rasterio.crs.CRS`` per
     band, as geo-bench's writer does for tasks such as m-cashew-plant. ``content_bands``
     content-codes the bands (:data:`BAND_CODE`): band i holds ``content_bands[i]``'s code.
+    ``partition=False`` leaves out ``default_partition.json`` (a task folder that cannot run).
     """
     import affine
     from rasterio.crs import CRS
@@ -292,16 +294,31 @@ def write_geobench(
                 else:
                     meta["label"] = label_id
                 f.attrs["pickle"] = str(pickle.dumps(meta))
-    partition = {
+    splits = {
         "train": names[: n // 2],
         "valid": names[n // 2 : 3 * n // 4],
         "test": names[3 * n // 4 :],
     }
-    (root / "default_partition.json").write_text(json.dumps(partition))
+    if partition:
+        (root / "default_partition.json").write_text(json.dumps(splits))
     (root / "band_stats.json").write_text(
         json.dumps({b: {"mean": 1.0, "std": 1.0} for b in band_names})
     )
     return root
+
+
+def replace_geobench_pickle(path: Path, metadata: object) -> Path:
+    """Replace a GEO-Bench sample's pickled metadata with ``metadata`` (bad-input cases)."""
+    with h5py.File(path, "r+") as f:
+        f.attrs["pickle"] = str(pickle.dumps(metadata))
+    return path
+
+
+def truncated_copy(source: Path, path: Path, keep: float = 0.5) -> Path:
+    """The first ``keep`` fraction of ``source``'s bytes (an interrupted download or copy)."""
+    data = Path(source).read_bytes()
+    Path(path).write_bytes(data[: int(len(data) * keep)])
+    return Path(path)
 
 
 def write_sen1floods11(
@@ -341,8 +358,13 @@ def write_sen1floods11(
     return top
 
 
-def pretraining_checkpoint(path, drop_path_rate=0.1):
-    """A checkpoint in the TerraFMPretrainModule layout of docs/contracts.md."""
+def pretraining_checkpoint(path, drop_path_rate=0.1, seed=None):
+    """A checkpoint in the TerraFMPretrainModule layout of docs/contracts.md.
+
+    ``seed`` draws the weights from a seeded RNG (same seed, same weights).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     teacher, student = terrafm_tiny(depth=2), terrafm_tiny(depth=2)
     state = {f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
     state |= {f"student.backbone.{k}": v for k, v in student.state_dict().items()}

@@ -10,7 +10,7 @@ from terrafm_lightning.eval.datasets import (
 )
 from terrafm_lightning.eval.finetune import FineTune
 from terrafm_lightning.eval.knn import KNNCallback, KNNProbe, knn_evaluate, knn_scores
-from terrafm_lightning.eval.linear_probe import LinearProbe
+from terrafm_lightning.eval.linear_probe import LinearHead, LinearProbe, linear_probe_on_features
 from terrafm_lightning.eval.segmentation import SegmentationProbe
 from terrafm_lightning.eval.task import BackboneTask
 
@@ -24,10 +24,12 @@ __all__ = [
     "GeoBenchDataModule",
     "KNNCallback",
     "KNNProbe",
+    "LinearHead",
     "LinearProbe",
     "SegmentationProbe",
     "Sen1Floods11DataModule",
     "knn_evaluate",
     "knn_scores",
+    "linear_probe_on_features",
     "map_bands",
 ]

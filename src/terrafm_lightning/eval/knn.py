@@ -1,10 +1,12 @@
-"""kNN evaluation on frozen CLS features (TerraFM section 7: cosine, k=20, exp(sim / 0.07)).
+"""The one kNN of the project (TerraFM section 7: cosine, k=20, weights exp(sim / 0.07)).
 
-Offline: :func:`knn_scores` / :func:`knn_evaluate` (features in, scores / metrics out) and the
-:class:`KNNProbe` module (``terrafm validate|test``). Online: :class:`KNNCallback` evaluates the
-pretraining teacher every N epochs. Under DDP both extract the bank (and the callback its
-queries) on a 1/world shard per rank and ``all_gather`` them (:func:`gather_split_features`), so
-every rank holds the same features as one process would.
+Functions (features in, scores / metrics out): :func:`knn_scores` (the classifier),
+:func:`knn_evaluate` (its metrics), :func:`cross_fold_knn` (each half of a labelled set queries
+the other's bank, for a set without a separate bank), :func:`gather_split_features` and
+:func:`datamodule_bank` (a split's features on every rank under DDP: each rank extracts a
+1/world shard and ``all_gather`` interleaves them back, so every rank holds what one process
+would). Users: :class:`KNNProbe` (``terrafm validate|test`` on a labelled datamodule),
+:class:`KNNCallback` (online, during pretraining), ``make eval`` and the demo.
 """
 
 from __future__ import annotations
@@ -103,6 +105,36 @@ def score_metrics(
     return {name: float(value) for name, value in metrics.compute().items()}
 
 
+def cross_fold_knn(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    folds: int = 2,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> Tensor:
+    """Predicted classes of a labelled set by kNN, each fold using the other folds as the bank.
+
+    Sample i is in fold ``i % folds``. Needs at least ``folds`` samples.
+
+    Returns:
+        (N,) predicted class indices.
+    """
+    if len(labels) < folds:
+        raise ValueError(f"cross_fold_knn needs at least {folds} samples, got {len(labels)}")
+    fold = torch.arange(len(labels), device=labels.device) % folds
+    predicted = torch.empty_like(labels)
+    for f in range(folds):
+        query, bank = fold == f, fold != f
+        scores = knn_scores(
+            features[bank], labels[bank], features[query], num_classes,
+            k=k, temperature=temperature,
+        )  # fmt: skip
+        predicted[query] = scores.argmax(1)
+    return predicted
+
+
 def gather_split_features(
     module: LightningModule, backbone: nn.Module, dataset: Dataset, batch_size: int
 ) -> SplitFeatures:
@@ -117,13 +149,23 @@ def gather_split_features(
         backbone, DataLoader(shard, batch_size=batch_size), module.device
     )
     if world == 1:
-        return features, labels
+        return SplitFeatures(features, labels)
     longest = -(-len(dataset) // world)
     pad = longest - len(features)
     features = F.pad(features, (0, 0, 0, pad)).to(module.device)
     labels = F.pad(labels, (0, 0) * (labels.ndim - 1) + (0, pad)).to(module.device)
     gathered = [module.all_gather(t) for t in (features, labels)]  # (world, longest, ...)
     return SplitFeatures(*(g.transpose(0, 1).flatten(0, 1)[: len(dataset)].cpu() for g in gathered))
+
+
+def datamodule_bank(
+    module: LightningModule, backbone: nn.Module, datamodule: LightningDataModule, split: str
+) -> SplitFeatures:
+    """Features of one split of a labelled datamodule (``datasets[split]``), on every rank."""
+    datamodule.setup("fit")
+    return gather_split_features(
+        module, backbone, datamodule.datasets[split], datamodule.batch_size
+    )
 
 
 class KNNProbe(BackboneTask):
@@ -157,12 +199,8 @@ class KNNProbe(BackboneTask):
         self.bank: tuple[Tensor, Tensor] | None = None
 
     def _build_bank(self) -> None:
-        dm = self.trainer.datamodule
-        dm.setup("fit")
-        features, labels = gather_split_features(
-            self, self.backbone, dm.datasets["train"], dm.batch_size
-        )
-        self.bank = (features.to(self.device), labels.to(self.device))
+        bank = datamodule_bank(self, self.backbone, self.trainer.datamodule, "train")
+        self.bank = (bank.features.to(self.device), bank.labels.to(self.device))
 
     def on_validation_epoch_start(self) -> None:  # noqa: D102
         self._build_bank()
@@ -211,21 +249,14 @@ class KNNCallback(Callback):
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
-        self._ready = False
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:  # noqa: D102
         if (trainer.current_epoch + 1) % self.every_n_epochs or trainer.sanity_checking:
             return
-        if not self._ready:
-            self.datamodule.setup("fit")
-            self._ready = True
         teacher = getattr(pl_module, "teacher", None)
         backbone = teacher.backbone if teacher is not None else pl_module.backbone
         dm = self.datamodule
-        bank, queries = (
-            gather_split_features(pl_module, backbone, dm.datasets[s], dm.batch_size)
-            for s in ("train", "val")
-        )
+        bank, queries = (datamodule_bank(pl_module, backbone, dm, s) for s in ("train", "val"))
         metrics = knn_evaluate(
             *bank,
             *queries,

@@ -1,8 +1,10 @@
-"""Linear probing: a linear classifier on frozen backbone features.
+"""Linear probing: one linear head (:class:`LinearHead`) on frozen backbone features.
 
-Two forms: :class:`LinearProbe`, a LightningModule that runs the backbone on every batch (image
-augmentation, ``terrafm fit``), and :func:`linear_probe_on_features`, full-batch training on
-cached features (exact for a frozen backbone without augmentation; seconds on a CPU).
+:class:`LinearHead` is the classifier and its loss (multiclass or multilabel); every linear probe
+of the project trains it. Two trainers here: :class:`LinearProbe`, a LightningModule that runs
+the backbone on every batch (``terrafm fit``), and :func:`linear_probe_on_features`, full-batch
+training on cached features (exact for a frozen backbone without augmentation; seconds on a
+CPU; ``make eval`` and the demo).
 """
 
 from __future__ import annotations
@@ -18,6 +20,42 @@ from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
 
 Pooling = Literal["cls", "cls_mean"]
+
+
+class LinearHead(nn.Linear):
+    """A linear classifier with its loss: cross-entropy, or binary cross-entropy (multilabel).
+
+    Weights start from N(0, 0.01) (drawn with ``generator`` when given), biases from zero.
+
+    Args:
+        in_features: feature width.
+        num_classes: classes.
+        multilabel: multi-hot targets (binary cross-entropy, sigmoid scores).
+        generator: RNG of the initial weights (default: the global one).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        multilabel: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(in_features, num_classes)
+        self.multilabel = multilabel
+        with torch.no_grad():
+            self.weight.copy_(0.01 * torch.randn(self.weight.shape, generator=generator))
+            self.bias.zero_()
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy on class indices, or binary cross-entropy on multi-hot labels."""
+        if self.multilabel:
+            return F.binary_cross_entropy_with_logits(logits, labels.float())
+        return F.cross_entropy(logits, labels.long())
+
+    def scores(self, logits: Tensor) -> Tensor:
+        """What the metrics take: per-class probabilities (multilabel) or the logits."""
+        return logits.sigmoid() if self.multilabel else logits
 
 
 class LinearProbe(BackboneTask):
@@ -50,9 +88,7 @@ class LinearProbe(BackboneTask):
             raise ValueError(f"pooling must be 'cls' or 'cls_mean', got {pooling!r}")
         self.save_hyperparameters()
         width = self.backbone.embed_dim * (2 if pooling == "cls_mean" else 1)
-        self.head = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)
-        nn.init.zeros_(self.head.bias)
+        self.head = LinearHead(width, num_classes, multilabel)
         self.metrics = nn.ModuleDict(
             {s: classification_metrics(num_classes, multilabel) for s in ("val", "test")}
         )
@@ -68,22 +104,15 @@ class LinearProbe(BackboneTask):
         """Class logits, (B, num_classes)."""
         return self.head(self.pooled(batch))
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Cross-entropy (multiclass) or binary cross-entropy (multilabel)."""
-        if self.hparams.multilabel:
-            return F.binary_cross_entropy_with_logits(logits, labels.float())
-        return F.cross_entropy(logits, labels.long())
-
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:  # noqa: D102
-        loss = self.loss(self(batch), batch["label"])
+        loss = self.head.loss(self(batch), batch["label"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def evaluate(self, batch: Batch, stage: str) -> None:  # noqa: D102
         logits = self(batch)
-        self.log(f"{stage}/loss", self.loss(logits, batch["label"]))
-        scores = logits.sigmoid() if self.hparams.multilabel else logits
-        self.metrics[stage].update(scores, batch["label"].long())
+        self.log(f"{stage}/loss", self.head.loss(logits, batch["label"]))
+        self.metrics[stage].update(self.head.scores(logits), batch["label"].long())
 
 
 def linear_probe_on_features(
@@ -106,21 +135,13 @@ def linear_probe_on_features(
     mean, std = train.features.mean(0), train.features.std(0).nan_to_num(1.0).clamp_min(1e-6)
     x_train, x_test = (train.features - mean) / std, (test.features - mean) / std
     generator = torch.Generator().manual_seed(seed)
-    head = nn.Linear(x_train.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.copy_(0.01 * torch.randn(head.weight.shape, generator=generator))
-        head.bias.zero_()
+    head = LinearHead(x_train.shape[1], num_classes, multilabel, generator)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         optimizer.zero_grad()
-        logits = head(x_train)
-        if multilabel:
-            F.binary_cross_entropy_with_logits(logits, train.labels.float()).backward()
-        else:
-            F.cross_entropy(logits, train.labels.long()).backward()
+        head.loss(head(x_train), train.labels).backward()
         optimizer.step()
     with torch.no_grad():
-        scores = head(x_test)
         metrics = classification_metrics(num_classes, multilabel)
-        metrics.update(scores.sigmoid() if multilabel else scores, test.labels.long())
+        metrics.update(head.scores(head(x_test)), test.labels.long())
         return {name: float(value) for name, value in metrics.compute().items()}

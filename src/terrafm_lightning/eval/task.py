@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -19,6 +20,35 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, Tensor]
 
+ARCHITECTURE: dict[str, Callable[[nn.Module], Any]] = {
+    "embed_dim": lambda m: m.embed_dim,
+    "depth": lambda m: len(m.blocks),
+    "num_heads": lambda m: m.blocks[0].attn.num_heads,
+    "mlp_ratio": lambda m: m.blocks[0].mlp.fc1.out_features / m.embed_dim,
+    "patch_size": lambda m: m.patch_size,
+    "img_size": lambda m: m.grid_size * m.patch_size,
+    "modalities": lambda m: sorted(m.modalities),
+}
+"""Backbone arguments a checkpoint fixes, and how to read each from a built backbone."""
+
+
+def check_architecture(backbone: nn.Module, requested: dict[str, Any], source: str) -> None:
+    """Raise if ``requested`` asks for an architecture other than ``backbone``'s.
+
+    Raises:
+        ValueError: naming the argument, both values and the fix.
+    """
+    for key, want in requested.items():
+        if key not in ARCHITECTURE:
+            continue
+        have = ARCHITECTURE[key](backbone)
+        if (sorted(want) if key == "modalities" else want) != have:
+            raise ValueError(
+                f"{source}: the checkpoint's backbone has {key}={have}, backbone_kwargs asks "
+                f"{key}={want}; remove {key} from backbone_kwargs (the checkpoint sets the "
+                "architecture) or give a checkpoint of that architecture"
+            )
+
 
 class BackboneTask(LightningModule):
     """LightningModule base holding ``self.backbone``, loaded from one of three sources.
@@ -30,7 +60,9 @@ class BackboneTask(LightningModule):
     Args:
         backbone: timm factory name, e.g. ``terrafm_base`` (ignored with ``checkpoint``, whose
             hyper-parameters name the architecture).
-        backbone_kwargs: factory keyword arguments (with ``checkpoint``: overrides).
+        backbone_kwargs: factory keyword arguments (with ``checkpoint``: overrides such as
+            ``drop_path_rate``; an architecture argument of :data:`ARCHITECTURE` must equal the
+            checkpoint's, else ``ValueError``).
         checkpoint: path of a ``TerraFMPretrainModule`` checkpoint.
         checkpoint_branch: ``"teacher"`` or ``"student"``.
         released_weights: path of ``TerraFM-B.pth`` / ``TerraFM-L.pth``.
@@ -50,9 +82,9 @@ class BackboneTask(LightningModule):
         if checkpoint and released_weights:
             raise ValueError("give either checkpoint or released_weights, not both")
         if checkpoint:
-            self.backbone = load_pretraining_backbone(
-                checkpoint, checkpoint_branch, backbone_kwargs
-            )
+            overrides = {k: v for k, v in (backbone_kwargs or {}).items() if k not in ARCHITECTURE}
+            self.backbone = load_pretraining_backbone(checkpoint, checkpoint_branch, overrides)
+            check_architecture(self.backbone, backbone_kwargs or {}, checkpoint)
         else:
             self.backbone = timm.create_model(backbone, **(backbone_kwargs or {}))
             if released_weights:

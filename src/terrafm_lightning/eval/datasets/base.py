@@ -2,7 +2,8 @@
 
 Every datamodule yields batches ``{modality: float32 (B, C, S, S) normalised, "label": ...}``
 and exposes ``num_classes``, ``multilabel``, ``task`` (``"classification"`` or
-``"segmentation"``) and ``ignore_index`` so the CLI can link them into the probe.
+``"segmentation"``) and ``ignore_index`` so the CLI can link them into the probe. Its
+``detect(folder)`` classmethod says whether a folder is its dataset (``make eval`` asks each).
 
 Input size: the backbone needs multiples of 16. ``img_size=None`` rounds the native size to the
 nearest multiple of 16 (EuroSAT / GEO-Bench 64 -> 64, BigEarthNet 120 -> 128, Sen1Floods11
@@ -16,6 +17,7 @@ import logging
 import random
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +42,27 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 Sample = dict[str, Tensor]
 Task = Literal["classification", "segmentation"]
+SPLIT_SEED_HINT = (
+    "pass a split seed (make eval: SPLIT_SEED=<int> / --split-seed <int>; terrafm: "
+    "--data.init_args.split_seed <int>)"
+)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A folder recognised as a dataset of a datamodule (:meth:`EvalDataModule.detect`).
+
+    Attributes:
+        kwargs: datamodule arguments besides ``root`` (e.g. a Copernicus-Bench ``task``).
+        suffix: appended to the folder's name in tables when one folder holds several tasks.
+        paper_key: the row of ``paper_results.json`` this dataset matches, if any.
+        problem: why the folder looks like the dataset but cannot be evaluated (None: it can).
+    """
+
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    suffix: str = ""
+    paper_key: str | None = None
+    problem: str | None = None
 
 
 def input_size(native: int, img_size: int | None) -> int:
@@ -129,8 +152,8 @@ def fallback_split(
     """
     if seed is None:
         raise FileNotFoundError(
-            f"{source}: official split files {expected} not found; put them there, or pass "
-            "split_seed=<int> to use a seeded random 60/20/20 split (not comparable with "
+            f"{source}: official split files {expected} not found; put them there, or "
+            f"{SPLIT_SEED_HINT} for a seeded random 60/20/20 split (not comparable with "
             "published results)"
         )
     warnings.warn(
@@ -164,11 +187,21 @@ class SampleDataset(Dataset):
 
 
 class AdaptedDataset(Dataset):
-    """A dataset of another library (torchgeo) whose samples ``convert`` maps to ours."""
+    """A dataset of another library (torchgeo) whose samples ``convert`` maps to ours.
 
-    def __init__(self, dataset: Dataset, convert: Callable[[dict[str, Tensor]], Sample]) -> None:
+    ``sources`` are the files that define the split (split files, metadata tables): what the
+    feature cache key records of it.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        convert: Callable[[dict[str, Tensor]], Sample],
+        sources: Sequence[Path] = (),
+    ) -> None:
         self.dataset = dataset
         self.convert = convert
+        self.sources = list(sources)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -203,6 +236,18 @@ class EvalDataModule(LightningDataModule):
     multilabel: bool = False
     ignore_index: int | None = None
     supported: tuple[str, ...] = ()
+
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """The datasets of this class that ``root`` is (several tasks, one, or none)."""
+        return []
+
+    @property
+    def metric(self) -> str:
+        """The headline metric: mIoU, micro-F1 (multilabel) or top-1."""
+        if self.task == "segmentation":
+            return "miou"
+        return "f1_micro" if self.multilabel else "top1"
 
     def __init__(
         self,

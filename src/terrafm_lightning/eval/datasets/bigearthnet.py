@@ -35,6 +35,7 @@ from torchgeo.datasets import BigEarthNetV2
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
+    Detection,
     EvalDataModule,
     Sample,
     fallback_split,
@@ -166,6 +167,15 @@ class BigEarthNetDataModule(EvalDataModule):
     multilabel = True
     supported = ("s1", "s2_l2a")
 
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """v2's ``metadata.parquet``, or v1 S2 patch folders, else v1 S1 ones (S1 alone)."""
+        if (root / "metadata.parquet").is_file() or patch_folders(root, "_B02.tif"):
+            return [Detection()]
+        if patch_folders(root, "_VV.tif"):
+            return [Detection({"modalities": ["s1"]})]
+        return []
+
     def __init__(
         self, root: str | Path, modalities: Sequence[str] = ("s2_l2a",), **kwargs: Any
     ) -> None:
@@ -196,7 +206,11 @@ class BigEarthNetDataModule(EvalDataModule):
             return super().split_datasets()
         bands = "all" if len(self.modalities) == 2 else {"s1": "s1"}.get(self.modalities[0], "s2")
         return {
-            s: AdaptedDataset(BigEarthNetV2(str(self.root), split=s, bands=bands), self._from_v2)
+            s: AdaptedDataset(
+                BigEarthNetV2(str(self.root), split=s, bands=bands),
+                self._from_v2,
+                [self.root / "metadata.parquet"],
+            )
             for s in SPLITS
         }
 

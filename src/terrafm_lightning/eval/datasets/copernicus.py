@@ -27,6 +27,7 @@ from torchgeo.datasets.copernicus import DATASET_REGISTRY, CopernicusBenchLCZS2
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
+    Detection,
     EvalDataModule,
     Sample,
     Task,
@@ -90,6 +91,20 @@ class CopernicusBenchDataModule(EvalDataModule):
 
     supported = ("s1", "s2_l1c", "s2_l2a")
 
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """One detection per task whose files (or zip) are under ``root``."""
+        return [
+            Detection({"task": t}, f"/{t}", f"copernicus/{t}")
+            for t in COPERNICUS_TASKS
+            if torchgeo_root(root, t) is not None
+        ]
+
+    @property
+    def metric(self) -> str:
+        """The task's headline metric (Copernicus-Bench's: mAP for BigEarthNet)."""
+        return self.spec.metric
+
     def __init__(
         self, root: str | Path, task: str, modalities: Sequence[str] | None = None, **kwargs: Any
     ) -> None:
@@ -109,7 +124,6 @@ class CopernicusBenchDataModule(EvalDataModule):
         self.num_classes = spec.num_classes
         self.multilabel = spec.multilabel
         self.ignore_index = spec.ignore_index
-        self.metric = spec.metric
         cls = DATASET_REGISTRY[task]
         found = torchgeo_root(self.root, task)
         if found is None:
@@ -124,7 +138,11 @@ class CopernicusBenchDataModule(EvalDataModule):
     def split_datasets(self) -> dict[str, Dataset]:  # noqa: D102
         cls = DATASET_REGISTRY[self.name]
         return {
-            s: AdaptedDataset(cls(root=str(self.torchgeo_root), split=s), self._convert)
+            s: AdaptedDataset(
+                cls(root=str(self.torchgeo_root), split=s),
+                self._convert,
+                [self.torchgeo_root / _split_file(cls, s)],
+            )
             for s in SPLITS
         }
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import rasterio
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -34,6 +35,7 @@ from torchgeo.datasets import EuroSAT
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
+    Detection,
     EvalDataModule,
     Sample,
     fallback_split,
@@ -86,6 +88,21 @@ class EuroSATDataModule(EvalDataModule):
     folders: tuple[str, ...] = (EuroSAT.base_dir, "EuroSAT_MS", ".")
     split_prefixes: tuple[str, ...] = ("eurosat",)
 
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """The ten class folders under one of :attr:`folders`, holding images of our band count.
+
+        A folder without images counts as EuroSAT-MS (its datamodule then names the problem).
+        """
+        images = class_folder_root(root, cls.folders)
+        if images is None:
+            return []
+        first = next(images.glob("*/*.tif"), None)
+        if first is None:
+            return [Detection()] if cls is EuroSATDataModule else []
+        with rasterio.open(first) as src:
+            return [Detection()] if src.count == len(cls.bands) else []
+
     def __init__(
         self, root: str | Path, modalities: Sequence[str] = ("s2_l1c",), **kwargs: Any
     ) -> None:
@@ -107,8 +124,9 @@ class EuroSATDataModule(EvalDataModule):
 
     def split_datasets(self) -> dict[str, Dataset]:  # noqa: D102
         if self.images == self.root / EuroSAT.base_dir and self._split_files():
+            files = self._split_files() or {}
             return {
-                s: AdaptedDataset(EuroSAT(str(self.root), split=s), self._from_torchgeo)
+                s: AdaptedDataset(EuroSAT(str(self.root), split=s), self._from_torchgeo, [files[s]])
                 for s in SPLITS
             }
         return super().split_datasets()

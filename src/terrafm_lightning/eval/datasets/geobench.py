@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from terrafm_lightning.eval.band_mapping import canonical_band
-from terrafm_lightning.eval.datasets.base import EvalDataModule, Sample, layout_error
+from terrafm_lightning.eval.datasets.base import Detection, EvalDataModule, Sample, layout_error
 from terrafm_lightning.eval.datasets.eurosat import EUROSAT_MS_BANDS
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,8 @@ def read_sample(path: Path) -> tuple[dict[str, np.ndarray], Any, list[str]]:
     try:
         with h5py.File(path, "r") as f:
             meta = _SafeUnpickler(io.BytesIO(_pickle_bytes(f.attrs["pickle"]))).load()
+            if not isinstance(meta, dict):
+                raise ValueError(f"pickled metadata is a {type(meta).__name__}, not a dict")
             order = list(meta.get("bands_order", sorted(f.keys())))
             s2 = [
                 b for b in order if type(meta.get(b, {}).get("band_info")).__name__ == "Sentinel2"
@@ -153,6 +155,17 @@ class GeoBenchDataModule(EvalDataModule):
     """
 
     supported = ("s2_l1c", "s2_l2a")
+
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """A task folder: ``default_partition.json``, or ``.hdf5`` samples without it (problem)."""
+        paper_key = f"geobench/{task_key(root)}"
+        if (root / "default_partition.json").is_file():
+            return [Detection(paper_key=paper_key)]
+        if next(root.glob("*.hdf5"), None) is not None:
+            problem = "GEO-Bench task folder (.hdf5 samples) without default_partition.json"
+            return [Detection(paper_key=paper_key, problem=problem)]
+        return []
 
     def __init__(
         self,

@@ -25,7 +25,13 @@ import h5py
 import numpy as np
 import torch
 
-from terrafm_lightning.eval.datasets.base import SPLITS, EvalDataModule, Sample, layout_error
+from terrafm_lightning.eval.datasets.base import (
+    SPLITS,
+    Detection,
+    EvalDataModule,
+    Sample,
+    layout_error,
+)
 from terrafm_lightning.modalities import BANDS
 
 L4S_BANDS = (
@@ -74,6 +80,12 @@ class Landslide4SenseDataModule(EvalDataModule):
     task = "segmentation"
     num_classes = 2
     supported = ("s2_l1c", "s2_l2a")
+
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """The image folders of one of :data:`LAYOUTS`."""
+        found = any(all((root / i).is_dir() for i, _ in f.values()) for f in LAYOUTS.values())
+        return [Detection(paper_key="landslide4sense")] if found else []
 
     def __init__(
         self, root: str | Path, modalities: Sequence[str] = ("s2_l1c",), **kwargs: Any

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from terrafm_lightning.eval.datasets.base import (
+    Detection,
     EvalDataModule,
     Sample,
     fallback_split,
@@ -53,6 +54,12 @@ class Sen1Floods11DataModule(EvalDataModule):
     num_classes = 2
     ignore_index = -1
     supported = ("s1", "s2_l1c")
+
+    @classmethod
+    def detect(cls, root: Path) -> list[Detection]:
+        """``LabelHand/`` in ``root``, or the bucket's ``v1.1/.../HandLabeled/LabelHand``."""
+        hands = (root, root / "v1.1" / _HAND, root / _HAND)
+        return [Detection()] if any((h / "LabelHand").is_dir() for h in hands) else []
 
     def __init__(
         self, root: str | Path, modalities: Sequence[str] = ("s1",), **kwargs: Any
