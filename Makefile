@@ -94,7 +94,7 @@ data-majortom-remote: install
 # (data_prep/benchmarks.py; NAMES: e.g. "geobench copernicus landslide4sense", default all).
 NAMES ?=
 data-benchmarks: install
-	@test "$(origin DATA)" != file || { echo "make data-benchmarks: give DATA=<folder for the benchmarks>"; exit 2; }
+	@test -n "$(DATA)" || { echo "make data-benchmarks: give DATA=<folder for the benchmarks>"; exit 2; }
 	$(BIN)/python data_prep/benchmarks.py $(DATA) $(NAMES) $(OPTS)
 
 data-geotiff: install
