@@ -1,10 +1,6 @@
 """``terrafm-data`` mistakes in one line: Ctrl-C, empty files, foreign outputs; ``--debug``."""
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,50 +23,6 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-@pytest.mark.slow
-def test_ctrl_c_is_one_line_exit_130_and_the_rerun_is_exact(tmp_path):
-    out = str(tmp_path / "int.zarr")
-    n = 96
-    cmd = [*CLI, "synthetic", out, "--samples", str(n), "--tile-size", "128"]
-    cmd += ["--samples-per-shard", "4", "--no-progress"]
-    proc = subprocess.Popen(
-        [*cmd, "--workers", "1"],
-        start_new_session=True,  # its own process group, as a terminal's foreground job
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    done = 0
-    deadline = time.monotonic() + 120
-    while done == 0 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            done = int(zarr.open_group(out, mode="r")["written"][:].sum())
-        except Exception:  # store not created yet
-            continue
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and its dask workers
-    stdout, stderr = proc.communicate(timeout=120)
-    assert (proc.returncode, stdout) == (130, "")
-    assert stderr == "terrafm-data synthetic: interrupted; rerun the same command to resume\n"
-    assert not os.path.exists(lock_path(out))
-    written = zarr.open_group(out, mode="r")["written"][:]
-    assert 0 < written.sum() < n, "the interrupt must land mid-run"
-    rerun = subprocess.run([*cmd, "--scheduler", "sync"], capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert (
-        rerun.stdout
-        == f"{n - written.sum()} tiles written, {written.sum()} already done (resumed)\n"
-    )
-    # Identical to a store written in one go, array by array.
-    fresh = str(tmp_path / "fresh.zarr")
-    assert main(["synthetic", fresh, *cmd[cmd.index("--samples") : -1], "--scheduler", "sync"]) == 0
-    resumed, whole = zarr.open_group(out, mode="r"), zarr.open_group(fresh, mode="r")
-    assert sorted(resumed.array_keys()) == sorted(whole.array_keys())
-    for name in whole.array_keys():
-        np.testing.assert_array_equal(resumed[name][:], whole[name][:], err_msg=name)
-    assert resumed.attrs["source_digest"] == whole.attrs["source_digest"]
 
 
 def test_zero_byte_geotiff_is_named(tmp_path, capsys):

@@ -313,13 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except BaseException as err:
-        if args.debug or isinstance(err, SystemExit):
+    except (Exception, KeyboardInterrupt) as err:
+        if args.debug:
             raise
         return _report(args.command, err)
 
 
-def _report(command: str, err: BaseException) -> int:
+def _report(command: str, err: Exception | KeyboardInterrupt) -> int:
     """Print the one line for ``err`` and return the exit status."""
     if isinstance(err, KeyboardInterrupt):
         again = "" if command == "validate" else "; rerun the same command to resume"

@@ -113,20 +113,22 @@ def s1_to_db(
     out = pixels.astype(np.float32, copy=False)
     if nodata is not None and not np.isnan(nodata):
         out[pixels == nodata] = np.nan
-    out[~np.isfinite(out)] = np.nan
-    low, high = np.fmin.reduce(out, axis=None), np.fmax.reduce(out, axis=None)
-    if np.isnan(low):
-        return out  # no valid pixel: reported per tile by the writer
-    if linear:
+    if linear:  # linear_to_db makes non-finite values NaN itself: one reduction suffices here
+        low = np.fmin.reduce(out, axis=None)
         if low < 0:
+            seen = (float(low), float(np.fmax.reduce(out, axis=None)))
             raise _refuse(
                 source,
                 "s1",
                 pixels,
-                (low, high),
+                seen,
                 "negative values are dB already, not linear power: drop --s1-linear-to-db",
             )
         return linear_to_db(out)
+    out[~np.isfinite(out)] = np.nan
+    low, high = np.fmin.reduce(out, axis=None), np.fmax.reduce(out, axis=None)
+    if np.isnan(low):
+        return out  # no valid pixel: reported per tile by the writer
     if low >= 0:
         raise _refuse(
             source,

@@ -29,7 +29,6 @@ from terrafm_lightning.store.format import (
     StoreError,
     consolidate,
     create_store,
-    exists,
     open_store,
     pending,
     update_class_frequencies,
@@ -89,22 +88,24 @@ def refuse_foreign_output(path: str, storage_options: Mapping[str, Any] | None) 
     Raises:
         StoreError: naming ``path`` when it holds another Zarr store or other files.
     """
-    if exists(path, storage_options):
+    try:
+        fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
+        root = root.rstrip("/")
+        metadata = fs.cat_file(f"{root}/zarr.json") if fs.isfile(f"{root}/zarr.json") else None
+        foreign = metadata is None and (fs.isfile(root) or (fs.isdir(root) and bool(fs.ls(root))))
+    except Exception as err:
+        raise StoreError(f"cannot open store at {path}: unreachable: {err}") from err
+    if metadata is not None:
         try:
-            attrs = zarr.open_group(path, mode="r", storage_options=storage_options).attrs
-        except Exception as err:
-            raise StoreError(f"cannot open store at {path}: {err}") from err
+            attrs = json.loads(metadata).get("attributes", {})
+        except ValueError as err:
+            raise StoreError(f"cannot open store at {path}: bad zarr.json: {err}") from err
         if "format_version" in attrs and "modalities" in attrs:
             return True
         raise StoreError(
             f"{path} is a Zarr store made by another tool, not a terrafm store; it is left "
             "untouched: choose another output path"
         )
-    try:
-        fs, root = fsspec.core.url_to_fs(path, **dict(storage_options or {}))
-        foreign = fs.isfile(root) or (fs.isdir(root) and bool(fs.ls(root)))
-    except Exception as err:
-        raise StoreError(f"cannot open store at {path}: unreachable: {err}") from err
     if foreign:
         raise StoreError(
             f"{path} exists and is not a terrafm store (no zarr.json); it is left untouched: "
