@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
+from terrafm_lightning.prep import cli
 from terrafm_lightning.prep.cli import main
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.lock import lock_path
@@ -90,3 +91,18 @@ def test_debug_shows_the_traceback(tmp_path):
     assert main(args) == 2
     with pytest.raises(InputError, match=r"S1RTC: no \*\.tif files for s1"):
         main([*args, "--debug"])
+
+
+def test_unexpected_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "prepare_synthetic", broken)
+    assert run(capsys, "synthetic", str(tmp_path / "s.zarr"), *SMALL) == (
+        1,
+        "",
+        "terrafm-data synthetic: error: RuntimeError: a bug (unexpected; --debug shows the "
+        "traceback)\n",
+    )
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["synthetic", str(tmp_path / "s.zarr"), *SMALL, "--debug"])
