@@ -8,7 +8,7 @@ modalities by default) and each cell (1068 px) is cut into row-major tiles (4 x 
 Radiometry rules:
 - S1 RTC comes as linear gamma0 with nodata -32768: nodata, non-finite and non-positive values
   become NaN, the rest 10*log10 (dB); a negative valid value (a dB file) is refused
-  (:mod:`terrafm_lightning.prep.units`), as is S2 that is not uint16.
+  (:mod:`terrafm_lightning.prep.units`), as is float S2 or S2 outside 0..65535.
 - S2: products of processing baseline >= 04.00 carry a +1000 DN offset. The baseline is read
   from the product id (``_Nxxyy_``); when the id has none, products acquired on or after
   2022-01-25 (the baseline 04.00 switch) are taken to carry it. The offset is subtracted from
