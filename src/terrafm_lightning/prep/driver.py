@@ -171,6 +171,9 @@ def local_cluster(workers: int) -> Any:
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            # The scheduler's HTTP routes (served without the dashboard) bind a free port: the
+            # default 8787, taken by another cluster, printed a warning on the console.
+            scheduler_kwargs={"dashboard_address": ":0"},
             silence_logs=logging.ERROR,
         )
 
