@@ -115,7 +115,9 @@ STAGES = {
     "nodata / radiometry": (
         "linear_to_db",
         "harmonise_s2",
-        "to_store_dtype",
+        "to_store_units",
+        "s1_to_db",
+        "s2_to_dn",
         "nodata_mask",
     ),
     "tile metadata": ("sample_record", "tile_centre"),

@@ -45,8 +45,14 @@ def _cell_pixels(k: int, size: int) -> dict[str, np.ndarray]:
     return {m: scene.pixels.get(m, full[m]) for m in full}
 
 
-def write_fixture(root: Path, skip: dict[str, set] | None = None) -> dict[str, Path]:
-    """Core-S1RTC / Core-S2L1C / Core-S2L2A folders: images/part.parquet + metadata.parquet."""
+def write_fixture(
+    root: Path, skip: dict[str, set] | None = None, blank: dict[str, set] | None = None
+) -> dict[str, Path]:
+    """Core-S1RTC / Core-S2L1C / Core-S2L2A folders: images/part.parquet + metadata.parquet.
+
+    ``skip``: modality -> cells left out; ``blank``: modality -> cells whose pixels are all
+    nodata (-32768 for S1, 0 for S2).
+    """
     folders = {"s1": "Core-S1RTC", "s2_l1c": "Core-S2L1C", "s2_l2a": "Core-S2L2A"}
     out = {}
     for m, folder in folders.items():
@@ -61,9 +67,13 @@ def write_fixture(root: Path, skip: dict[str, set] | None = None) -> dict[str, P
             if m == "s1":
                 data = 10 ** (np.nan_to_num(pixels, nan=0.0) / 10)
                 data[:, :3, :3] = -32768.0
+                if cell in (blank or {}).get(m, set()):
+                    data[:] = -32768.0
                 bands = dict(zip(COLUMNS["s1"], data.astype(np.float32), strict=True))
             else:
                 dn = pixels.astype(np.uint16) + np.where(pixels > 0, 1000 * (k > 0), 0)
+                if cell in (blank or {}).get(m, set()):
+                    dn[:] = 0
                 bands = dict(zip(COLUMNS[m], dn.astype(np.uint16), strict=True))
                 if m == "s2_l1c":
                     bands["B10"] = np.full((CELL, CELL), 20, np.uint16)

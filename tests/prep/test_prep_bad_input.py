@@ -46,8 +46,10 @@ def test_wrong_band_count_and_all_nodata_tile(geotiffs, tmp_path):
     profile.update(count=5)
     with rasterio.open(geotiffs / "S2L2A" / "282D_485L_3_3.tif", "w", **profile) as f:
         f.write(data[:5])
-    with pytest.raises(PrepError, match=r"282D_485L_3_3\.tif has 5 bands; s2_l2a needs 12"):
+    # The first location is checked before the store is made: nothing is written.
+    with pytest.raises(InputError, match=r"282D_485L_3_3\.tif has 5 bands; s2_l2a needs 12"):
         prepare_geotiff(str(geotiffs), str(tmp_path / "a.zarr"), **RUN)
+    assert not (tmp_path / "a.zarr").exists()
     for folder in ("S1RTC", "S2L1C", "S2L2A"):
         path = geotiffs / folder / "282D_485L_3_3.tif"
         path.unlink()

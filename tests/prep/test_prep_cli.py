@@ -1,8 +1,10 @@
 """``terrafm-data``: help texts of every argument, and joining an existing dask cluster."""
 
 import argparse
+import contextlib
 import logging
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -67,3 +69,14 @@ def test_local_cluster_workers_keep_glibc_adaptive_trim(monkeypatch):
         threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert list(environ.values()) == [None]
     assert list(threads.values()) == ["1"]  # the rest of dask's worker environment stays
+
+
+def test_local_cluster_warns_nothing_when_port_8787_is_taken(recwarn):
+    # Another dask cluster on the machine holds the default HTTP port: no console warning.
+    with socket.socket() as other:
+        with contextlib.suppress(OSError):  # already taken by a real cluster: as good
+            other.bind(("", 8787))
+            other.listen()
+        with local_cluster(1) as cluster:
+            assert cluster.scheduler.http_server.port != 8787
+    assert [str(w.message) for w in recwarn if "already in use" in str(w.message)] == []

@@ -5,10 +5,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import xarray as xr
 import zarr
 
 from terrafm_lightning.prep.cli import main
+from terrafm_lightning.prep.lock import lock_path
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store.validate import validate_store
 
@@ -33,6 +35,23 @@ def test_cli_synthetic_end_to_end_with_dask(tmp_path, capsys):
     assert "0 tiles written, 24 already done" in capsys.readouterr().out
 
 
+def start_until_first_tiles(cmd: list[str], out: str) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (a terminal's foreground job); return once the
+    store at ``out`` has its first written tiles (or the run ended, or 120 s passed)."""
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            if zarr.open_group(out, mode="r")["written"][:].any():
+                break
+        except Exception:  # store not created yet
+            continue
+    return proc
+
+
 def test_killed_prep_run_resumes_without_missing_or_half_written_tiles(tmp_path):
     out = str(tmp_path / "kill.zarr")
     n = 96
@@ -50,21 +69,9 @@ def test_killed_prep_run_resumes_without_missing_or_half_written_tiles(tmp_path)
         "1",
         "--no-progress",
     ]
-    proc = subprocess.Popen(
-        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        done = 0
-        deadline = time.monotonic() + 90
-        while done == 0 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                done = int(zarr.open_group(out, mode="r")["written"][:].sum())
-            except Exception:  # store not created yet
-                continue
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its dask workers
-        proc.wait()
+    proc = start_until_first_tiles(cmd, out)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its dask workers
+    proc.communicate()
     written = zarr.open_group(out, mode="r")["written"][:]
     assert 0 < written.sum() < n, "the kill must land mid-run"
     result = subprocess.run(
@@ -84,6 +91,36 @@ def test_killed_prep_run_resumes_without_missing_or_half_written_tiles(tmp_path)
             if m in expected.pixels:
                 np.testing.assert_array_equal(root[m][i], expected.pixels[m])
         assert root["grid_cell"][i] == expected.grid_cell
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_exit_130_and_the_rerun_is_exact(tmp_path):
+    out = str(tmp_path / "int.zarr")
+    n = 96
+    cmd = [*CLI, "synthetic", out, "--samples", str(n), "--tile-size", "128"]
+    cmd += ["--samples-per-shard", "4", "--no-progress"]
+    proc = start_until_first_tiles([*cmd, "--workers", "1"], out)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the driver and its dask workers
+    stdout, stderr = proc.communicate(timeout=120)
+    assert (proc.returncode, stdout) == (130, "")
+    assert stderr == "terrafm-data synthetic: interrupted; rerun the same command to resume\n"
+    assert not os.path.exists(lock_path(out))
+    written = zarr.open_group(out, mode="r")["written"][:]
+    assert 0 < written.sum() < n, "the interrupt must land mid-run"
+    rerun = subprocess.run([*cmd, "--scheduler", "sync"], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (
+        rerun.stdout
+        == f"{n - written.sum()} tiles written, {written.sum()} already done (resumed)\n"
+    )
+    # Identical to a store written in one go, array by array.
+    fresh = str(tmp_path / "fresh.zarr")
+    assert main(["synthetic", fresh, *cmd[cmd.index("--samples") :], "--scheduler", "sync"]) == 0
+    resumed, whole = zarr.open_group(out, mode="r"), zarr.open_group(fresh, mode="r")
+    assert sorted(resumed.array_keys()) == sorted(whole.array_keys())
+    for name in whole.array_keys():
+        np.testing.assert_array_equal(resumed[name][:], whole[name][:], err_msg=name)
+    assert resumed.attrs["source_digest"] == whole.attrs["source_digest"]
 
 
 def test_nuisance_changes_brightness_per_sensor_but_not_land_cover():

@@ -1,4 +1,9 @@
-"""``terrafm-data``: build and check TerraFM Zarr stores (see ``terrafm-data <command> --help``)."""
+"""``terrafm-data``: build and check TerraFM Zarr stores (see ``terrafm-data <command> --help``).
+
+Every error is one line naming the file, tile or store and the fix (exit 2; 1 for an unexpected
+failure); ``--debug`` shows the traceback instead. Ctrl-C prints one line and exits 130; the
+same command run again resumes where the run stopped.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from terrafm_lightning.prep.sources.majortom_remote import (
     prepare_majortom_remote,
 )
 from terrafm_lightning.prep.sources.synthetic import GAIN_RANGE, S2_NOISE, prepare_synthetic
+from terrafm_lightning.prep.units import UnitConversion
 from terrafm_lightning.store.format import StoreError
 from terrafm_lightning.store.schema import Encoding
 from terrafm_lightning.store.validate import validate_store
@@ -30,8 +36,18 @@ from terrafm_lightning.store.validate import validate_store
 
 def _option_groups() -> dict[str, argparse.ArgumentParser]:
     """Options shared by several subcommands, each defined once (argparse parent parsers)."""
-    names = ("storage", "dask", "progress", "run", "write")
+    names = ("storage", "dask", "progress", "run", "write", "debug", "partial")
     groups = {k: argparse.ArgumentParser(add_help=False) for k in names}
+    groups["debug"].add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (not one line)"
+    )
+    groups["partial"].add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="keep tiles where an input modality has no valid pixel (entirely nodata, or not "
+        "overlapping the reference grid), that modality marked unavailable and the reason in "
+        "skip_reason (default: such a tile is an error)",
+    )
     groups["storage"].add_argument(
         "--storage-options",
         type=json.loads,
@@ -101,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="terrafm-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     groups = _option_groups()
-    run = [groups["storage"], groups["dask"], groups["progress"], groups["run"]]
+    run = [groups["storage"], groups["dask"], groups["progress"], groups["run"], groups["debug"]]
     prep = [*run, groups["write"]]
+    sources = [*prep, groups["partial"]]
     output = "store path or URL to write (local path or fsspec URL such as s3://bucket/x.zarr)"
     tile_size = "tile height and width in pixels"
 
@@ -133,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the land cover unchanged (0: none; default %(default)s)",
     )
 
-    p = sub.add_parser("geotiff", parents=prep, help="folders of co-registered GeoTIFFs -> store")
+    p = sub.add_parser(
+        "geotiff", parents=sources, help="folders of co-registered GeoTIFFs -> store"
+    )
     p.add_argument("source", help="root with one sub-folder per modality")
     p.add_argument("output", help=output)
     p.add_argument("--tile-size", type=int, default=None, help=f"{tile_size} (default: raster)")
@@ -152,8 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
         "'_', are the location key that pairs files (default: the file stem)",
     )
     p.add_argument("--allow-missing", action="store_true", help="keep locations lacking a modality")
+    p.add_argument(
+        "--s2-reflectance-scale",
+        type=float,
+        default=None,
+        metavar="FACTOR",
+        help="float S2 inputs are multiplied by FACTOR and rounded to DN: 10000 for reflectance "
+        "0-1, 1 for float DN (default: float S2 is an error; integer S2 is DN as it is)",
+    )
+    p.add_argument(
+        "--s1-linear-to-db",
+        action="store_true",
+        help="S1 inputs are linear power: store 10*log10 (default: S1 must be dB)",
+    )
 
-    p = sub.add_parser("majortom", parents=prep, help="Major-TOM Core parquet files -> store")
+    p = sub.add_parser("majortom", parents=sources, help="Major-TOM Core parquet files -> store")
     p.add_argument("output", help=output)
     p.add_argument("--s1", help="Core-S1RTC folder (metadata.parquet + image parquets)")
     p.add_argument("--s2-l1c", help="Core-S2L1C folder")
@@ -166,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "majortom-remote",
-        parents=prep,
+        parents=sources,
         help="a Major-TOM Core subset read remotely (only the selected rows) -> store",
     )
     p.add_argument("output", help=output)
@@ -231,13 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "stats",
-        parents=[groups["storage"], groups["dask"], groups["progress"]],
+        parents=[groups["storage"], groups["dask"], groups["progress"], groups["debug"]],
         help="exact per-band mean/std written into the store",
     )
     p.add_argument("store", help="store path or URL")
 
     p = sub.add_parser(
-        "validate", parents=[groups["storage"]], help="check a store against the format"
+        "validate",
+        parents=[groups["storage"], groups["debug"]],
+        help="check a store against the format",
     )
     p.add_argument("store", help="store path or URL")
     p.add_argument("--deep-samples", type=int, default=16, help="samples checked pixel-wise")
@@ -269,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
             {m: None if f.lower() == "none" else f for m, f in folders.items()},
             not args.allow_missing,
             args.match,
+            conversion=UnitConversion(args.s2_reflectance_scale, args.s1_linear_to_db),
+            keep_partial=args.keep_partial,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),
@@ -287,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
             args.tile_size,
             args.cell_size,
             not args.allow_missing,
+            keep_partial=args.keep_partial,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),
@@ -316,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
             args.tile_size,
             args.cell_size,
             not args.allow_missing,
+            keep_partial=args.keep_partial,
             encoding=_encoding(args),
             overwrite=args.overwrite,
             **_run_options(args),
@@ -352,13 +390,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: errors on bad input print one clear line and exit 2."""
+    """Console entry point: one line per error (exit 2, 1 if unexpected), Ctrl-C exit 130."""
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (InputError, PrepError, StoreError) as err:
-        print(f"terrafm-data {args.command}: error: {err}", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as err:
+        if args.debug:
+            raise
+        return _report(args.command, err)
+
+
+def _report(command: str, err: Exception | KeyboardInterrupt) -> int:
+    """Print the one line for ``err`` and return the exit status."""
+    if isinstance(err, KeyboardInterrupt):
+        again = "" if command == "validate" else "; rerun the same command to resume"
+        print(f"terrafm-data {command}: interrupted{again}", file=sys.stderr)
+        return 130
+    if isinstance(err, (InputError, PrepError, StoreError)):
+        print(f"terrafm-data {command}: error: {err}", file=sys.stderr)
         return 2
+    print(
+        f"terrafm-data {command}: error: {type(err).__name__}: {err} "
+        "(unexpected; --debug shows the traceback)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 if __name__ == "__main__":

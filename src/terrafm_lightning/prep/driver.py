@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,7 +27,7 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
-from terrafm_lightning.prep.errors import PrepError
+from terrafm_lightning.prep.errors import InputError, PrepError
 from terrafm_lightning.prep.lock import STALE_SECONDS, StoreLock
 from terrafm_lightning.store.format import shard_groups
 from terrafm_lightning.store.records import write_column, write_records
@@ -38,15 +40,21 @@ FLUSH_SHARE = 0.02
 of one chunk per metadata array, whatever the store size, measured at 200k samples), so the next
 flush waits at least 50 times the last one's duration (~8 s). A killed run redoes at most that
 much finished work."""
+LISTED = 20
+"""Tiles listed by name per kind of console note (the rest are counted)."""
 
 
 @dataclass
 class TaskResult:
-    """What one shard task returns: metadata of good samples, messages for bad ones, counters."""
+    """What one shard task returns: metadata of good samples, messages for bad ones, counters.
+
+    ``partial``: index -> message of the written samples kept partial (``--keep-partial``).
+    """
 
     records: dict[int, dict[str, Any]] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     counts: Counter = field(default_factory=Counter)
+    partial: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -59,8 +67,11 @@ class PrepReport:
         skipped: index -> message of bad tiles skipped (``--skip-bad``).
         dropped: indices dropped on purpose (``worldcover --drop-water-above``).
         restored: previously dropped indices made readable again by this run.
-        counts: named counters of the run's tasks (for example tiles per WorldCover map).
+        counts: named counters of the run's tasks (for example tiles per WorldCover map, or
+            partial tiles per reason).
         notes: lines the console prints after the summary (unpaired files, coverage).
+        partial: index -> message of tiles written without some input modality
+            (``--keep-partial``).
     """
 
     done: int
@@ -70,22 +81,30 @@ class PrepReport:
     restored: list[int] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    partial: dict[int, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        """One line for the console."""
-        line = f"{self.done} tiles written, {self.already_done} already done (resumed)"
+        """One line for the console (resume is mentioned only when it happened)."""
+        line = f"{self.done} tiles written"
+        line += f", {self.already_done} already done (resumed)" if self.already_done else ""
+        line += f", {len(self.partial)} kept partial" if self.partial else ""
         line += f", {len(self.skipped)} bad tiles skipped" if self.skipped else ""
         line += f", {len(self.restored)} dropped tiles restored" if self.restored else ""
         return line + (f", {len(self.dropped)} tiles dropped" if self.dropped else "")
 
 
 def guarded(indices: Sequence[int], make: Callable[[int], Any]) -> tuple[dict[int, Any], dict]:
-    """Apply ``make`` per sample, turning each failure into a message naming the sample."""
+    """Apply ``make`` per sample, turning each failure into a message naming the sample.
+
+    Input errors name their file already; other exceptions keep their type in the message.
+    """
     done: dict[int, Any] = {}
     errors: dict[int, str] = {}
     for i in indices:
         try:
             done[i] = make(i)
+        except InputError as err:
+            errors[i] = f"sample {i}: {err}"
         except Exception as err:  # any decode/format failure becomes a per-tile report
             errors[i] = f"sample {i}: {type(err).__name__}: {err}"
     return done, errors
@@ -111,8 +130,29 @@ def dask_client(scheduler: str, workers: int | None) -> Iterator[Any]:
         yield client
 
 
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the block starts processes: they inherit it and never see Ctrl-C.
+
+    An ignored signal stays ignored across fork and exec, and Python then installs no
+    KeyboardInterrupt handler; the driver stops its workers itself. A Ctrl-C pressed inside the
+    block (the cluster start) is lost. A no-op off the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def local_cluster(workers: int) -> Any:
     """A ``LocalCluster`` of ``workers`` single-threaded processes for prep tasks.
+
+    The workers never see Ctrl-C (:func:`sigint_ignored`): the driver stops them, and the
+    terminal shows the driver's one line instead of a traceback per worker.
 
     dask starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which turns off glibc's adaptive
     mmap threshold: every tile-sized buffer is then handed back to the OS when freed and
@@ -122,12 +162,18 @@ def local_cluster(workers: int) -> Any:
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+    with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
+        sigint_ignored(),
+    ):
         return LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
+            # The scheduler's HTTP routes (served without the dashboard) bind a free port: the
+            # default 8787, taken by another cluster, printed a warning on the console.
+            scheduler_kwargs={"dashboard_address": ":0"},
             silence_logs=logging.ERROR,
         )
 
@@ -187,6 +233,7 @@ def run_shards(
             buffer.update(result.records)
             report.done += len(result.records)
             report.counts.update(result.counts)
+            report.partial.update(result.partial)
             if result.errors and not skip_bad:
                 first = min(result.errors)
                 raise PrepError(
@@ -208,11 +255,13 @@ def flush_records(
     errors: Mapping[int, str],
     marker: str = WRITTEN,
 ) -> None:
-    """Write finished samples (metadata, cleared ``skip_reason``, then ``marker``) and failures.
+    """Write finished samples (metadata, ``skip_reason``, then ``marker``) and failures.
 
-    Touches only the metadata chunks holding these samples: the cost does not grow with the store.
+    A finished sample's ``skip_reason`` is cleared unless its record sets one (a tile kept
+    partial). Touches only the metadata chunks holding these samples: the cost does not grow with
+    the store.
     """
-    write_records(root, {i: {**r, SKIP_REASON: ""} for i, r in records.items()}, marker)
+    write_records(root, {i: {SKIP_REASON: "", **r} for i, r in records.items()}, marker)
     if errors:
         idx = np.array(sorted(errors))
         write_column(root, SKIP_REASON, idx, np.array([errors[i] for i in idx]))

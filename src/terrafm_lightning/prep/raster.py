@@ -1,4 +1,4 @@
-"""Raster helpers shared by the sources: read (with band selection), store dtype, alignment, tiling.
+"""Raster helpers shared by the sources: read (with band selection), alignment, tiling.
 
 Alignment is rioxarray's ``reproject`` (GDAL warp); the rest is array bookkeeping no library
 offers in this form (cutting a cell into row-major tiles with their affines).
@@ -17,7 +17,6 @@ from rasterio.warp import Resampling
 
 from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS
 from terrafm_lightning.prep.errors import InputError
-from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES
 
 _L1C_WITHOUT_B10 = [i + 1 for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
 GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": True}
@@ -39,24 +38,6 @@ def band_indexes(modality: str, count: int, source: str) -> list[int]:
         allowed = "12 or 13" if modality == "s2_l1c" else str(len(BANDS[modality]))
         raise InputError(f"{source} has {count} bands; {modality} needs {allowed}")
     return list(range(1, count + 1))
-
-
-def to_store_dtype(modality: str, pixels: np.ndarray, nodata: float | None) -> np.ndarray:
-    """Cast to the store dtype, mapping the source nodata value to the store's nodata."""
-    if modality == "s1":
-        out = pixels.astype(np.float32)
-        if nodata is not None and not np.isnan(nodata):
-            out[pixels == nodata] = np.nan
-        out[~np.isfinite(out)] = np.nan
-        return out
-    if pixels.dtype == np.uint16 and nodata in (None, 0):
-        return pixels  # already store dtype and nodata: no copy
-    invalid = ~np.isfinite(pixels) if pixels.dtype.kind == "f" else np.zeros(pixels.shape, bool)
-    if nodata is not None and not np.isnan(nodata):
-        invalid |= pixels == nodata
-    out = np.clip(pixels, 0, 65535).astype(PIXEL_DTYPES[modality])
-    out[invalid] = NODATA[modality]
-    return out
 
 
 def align(
@@ -112,9 +93,15 @@ def read_geotiff(
     (``benchmarks/prep.py``, 2 cores).
     """
     try:
+        content = path.read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err}") from err
+    if not content:  # rasterio's MemoryFile would fail with a TypeError naming no file
+        raise InputError(f"cannot read {path}: the file is empty (0 bytes)")
+    try:
         with (
             rasterio.Env(**GDAL_READ_OPTIONS),
-            rasterio.MemoryFile(path.read_bytes()) as memory,
+            rasterio.MemoryFile(content) as memory,
             memory.open(driver="GTiff") as src,
         ):
             bands = band_indexes(modality, src.count, str(path))

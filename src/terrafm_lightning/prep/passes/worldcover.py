@@ -32,7 +32,14 @@ from rasterio.crs import CRS
 from rasterio.warp import Resampling, reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
-from terrafm_lightning.prep.driver import PrepReport, TaskResult, guarded, run_shards, set_dropped
+from terrafm_lightning.prep.driver import (
+    LISTED,
+    PrepReport,
+    TaskResult,
+    guarded,
+    run_shards,
+    set_dropped,
+)
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.lock import store_lock
 from terrafm_lightning.store.codecs import write_samples
@@ -49,8 +56,6 @@ from terrafm_lightning.store.schema import (
 WATER = WORLDCOVER_CODES.index(80)
 NO_MAP = 255
 """Marks pixels outside a map while reprojecting (never stored: they are stored as 0)."""
-LISTED = 20
-"""Tiles listed by name per coverage problem (the rest are counted)."""
 
 
 def worldcover_files(items: Sequence[str]) -> list[str]:

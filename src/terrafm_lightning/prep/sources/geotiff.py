@@ -9,7 +9,8 @@ expression matched against the whole file name), its named groups joined by ``_`
 with ``require_all=False``); a modality whose folder is ``None`` gets no array. The S2 L2A grid
 (else L1C, else S1) is the reference; other modalities are reprojected onto it (nearest, so stored
 values are source values) when their grid differs. Files larger than the tile size are cut into
-row-major tiles.
+row-major tiles. Pixels are checked against the modality's unit and converted only as asked
+(:mod:`terrafm_lightning.prep.units`); the first location is checked before the store is made.
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ from rasterio.crs import CRS
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
+from terrafm_lightning.prep.gaps import gap_reason
 from terrafm_lightning.prep.pairing import pair_inputs
-from terrafm_lightning.prep.raster import (
-    align,
-    read_geotiff,
-    tile_transform,
-    tile_window,
-    to_store_dtype,
-)
+from terrafm_lightning.prep.raster import align, read_geotiff, tile_transform, tile_window
+from terrafm_lightning.prep.units import UnitConversion, to_store_units
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
 from terrafm_lightning.store.schema import NODATA, Encoding
@@ -126,11 +123,14 @@ def plan_geotiffs(
 
 @lru_cache(maxsize=2)
 def decode_location(
-    files: tuple[tuple[str, str], ...], size: int
+    files: tuple[tuple[str, str], ...], size: int, conversion: UnitConversion | None = None
 ) -> tuple[dict[str, np.ndarray], CRS, rasterio.Affine, dict[str, np.datetime64]]:
     """(pixels, crs, transform, times) of one location in store units on the reference grid.
 
     Cached: the tiles cut from one file decode it once.
+
+    Raises:
+        InputError: naming the file that cannot be read, co-registered or converted.
     """
     paths = dict(files)
     decoded = {m: read_geotiff(Path(paths[m]), m) for m in GRID_PRIORITY if m in paths}
@@ -141,7 +141,7 @@ def decode_location(
         path = paths[m]
         if src_crs is None:
             raise InputError(f"{path} has no CRS; cannot co-register it")
-        data = to_store_dtype(m, raw, nodata)
+        data = to_store_units(m, raw, nodata, path, conversion)
         pixels[m] = align(data, src_crs, src_transform, crs, transform, (size, size), NODATA[m])
         if pixels[m].shape[1:] != (size, size):
             raise InputError(f"{path} is {data.shape[1:]} px; expected {(size, size)} (tile size)")
@@ -155,12 +155,13 @@ def geotiff_sample(
     keys: Sequence[str],
     tile_size: int,
     tiles_per_side: int,
+    conversion: UnitConversion | None,
     index: int,
 ) -> Sample:
     """Sample ``index``: tile ``index % tiles**2`` of location ``index // tiles**2``."""
     location, tile_index = divmod(index, tiles_per_side**2)
     files = tuple(sorted(locations[location].items()))
-    pixels, crs, transform, times = decode_location(files, tile_size * tiles_per_side)
+    pixels, crs, transform, times = decode_location(files, tile_size * tiles_per_side, conversion)
     rows, cols = tile_window(tile_index, tiles_per_side, tile_size)
     return Sample(
         pixels={m: p[:, rows, cols] for m, p in pixels.items()},  # views; the shard write copies
@@ -172,6 +173,25 @@ def geotiff_sample(
     )
 
 
+def geotiff_gap(
+    locations: Sequence[Mapping[str, str]],
+    tile_size: int,
+    tiles_per_side: int,
+    conversion: UnitConversion | None,
+    index: int,
+    modality: str,
+) -> tuple[str, str]:
+    """(reason, file) of sample ``index``'s ``modality`` input having no valid pixel."""
+    location, tile_index = divmod(index, tiles_per_side**2)
+    files = tuple(sorted(locations[location].items()))
+    _, crs, transform, _ = decode_location(files, tile_size * tiles_per_side, conversion)
+    path = locations[location][modality]
+    raw, src_crs, src_transform, nodata, _ = read_geotiff(Path(path), modality)
+    data = to_store_units(modality, raw, nodata, path, conversion)
+    tile = rasterio.Affine(*tile_transform(transform, tile_index, tiles_per_side, tile_size))
+    return gap_reason(modality, data, src_crs, src_transform, crs, tile, tile_size), path
+
+
 def prepare_geotiff(
     source: str,
     path: str,
@@ -180,6 +200,8 @@ def prepare_geotiff(
     require_all: bool = True,
     match: str | None = None,
     *,
+    conversion: UnitConversion | None = None,
+    keep_partial: bool = False,
     encoding: Encoding | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
@@ -195,6 +217,10 @@ def prepare_geotiff(
             :data:`DEFAULT_FOLDERS`; modalities not named use their default folder).
         require_all: keep only locations with every modality.
         match: regular expression with named groups for the location key (default: stem).
+        conversion: unit conversions of the inputs (default: none; inputs must be in store
+            units).
+        keep_partial: keep tiles where some input has no valid pixel (that modality marked
+            unavailable) instead of refusing them.
         encoding: store chunking/compression.
         overwrite: replace an existing store at ``path``.
         storage_options: fsspec options of the output store.
@@ -206,25 +232,25 @@ def prepare_geotiff(
     plan = plan_geotiffs(
         Path(source), {**DEFAULT_FOLDERS, **dict(folders or {})}, require_all, match
     )
-    first = plan.locations[0][next(m for m in GRID_PRIORITY if m in plan.locations[0])]
-    try:
-        with rasterio.open(first) as src:
-            full = src.width
-    except rasterio.errors.RasterioError as err:
-        raise InputError(f"cannot read {first}: {err}") from err
+    reference = next(m for m in GRID_PRIORITY if m in plan.locations[0])
+    first = plan.locations[0][reference]
+    full = read_geotiff(Path(first), reference)[0].shape[-1]
     tile_size = tile_size or full
     if full % tile_size:
         raise InputError(f"{first} is {full} px wide, not a multiple of tile size {tile_size}")
     tiles_per_side = full // tile_size
+    # A unit mismatch is usually the whole dataset's: found here, before anything is written.
+    decode_location(tuple(sorted(plan.locations[0].items())), full, conversion)
     digest = {
         "kind": "geotiff",
         "locations": plan.locations,
         "tile_size": tile_size,
         **({"keys": plan.keys} if match else {}),
+        **(conversion.plan() if conversion else {}),
     }
     report = write_tiles(
         path,
-        partial(geotiff_sample, plan.locations, plan.keys, tile_size, tiles_per_side),
+        partial(geotiff_sample, plan.locations, plan.keys, tile_size, tiles_per_side, conversion),
         len(plan.locations) * tiles_per_side**2,
         tile_size,
         plan.modalities,
@@ -233,6 +259,8 @@ def prepare_geotiff(
         encoding=encoding,
         overwrite=overwrite,
         storage_options=storage_options,
+        explain_gap=partial(geotiff_gap, plan.locations, tile_size, tiles_per_side, conversion),
+        keep_partial=keep_partial,
         **run_options,
     )
     report.notes = plan.notes + report.notes

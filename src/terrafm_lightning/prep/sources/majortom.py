@@ -7,7 +7,8 @@ modalities by default) and each cell (1068 px) is cut into row-major tiles (4 x 
 
 Radiometry rules:
 - S1 RTC comes as linear gamma0 with nodata -32768: nodata, non-finite and non-positive values
-  become NaN, the rest 10*log10 (dB).
+  become NaN, the rest 10*log10 (dB); a negative valid value (a dB file) is refused
+  (:mod:`terrafm_lightning.prep.units`), as is float S2 or S2 outside 0..65535.
 - S2: products of processing baseline >= 04.00 carry a +1000 DN offset. The baseline is read
   from the product id (``_Nxxyy_``); when the id has none, products acquired on or after
   2022-01-25 (the baseline 04.00 switch) are taken to carry it. The offset is subtracted from
@@ -17,7 +18,7 @@ Radiometry rules:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.fetch import is_remote, parquet_file, with_retries
+from terrafm_lightning.prep.gaps import gap_reason
 from terrafm_lightning.prep.pairing import pair_inputs
 from terrafm_lightning.prep.raster import GDAL_READ_OPTIONS, align, tile_transform, tile_window
+from terrafm_lightning.prep.units import s1_to_db, s2_to_dn
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
 from terrafm_lightning.store.schema import NODATA, Encoding
@@ -66,31 +69,11 @@ def has_offset(product_id: str, timestamp: np.datetime64) -> bool:
     return bool(np.datetime64(timestamp, "D") >= OFFSET_SINCE)
 
 
-DB_PER_LN = np.float32(10 / np.log(10))
-"""10 log10(x) = DB_PER_LN ln(x): numpy's float32 ``log`` is vectorised, its ``log10`` is not
-(measured 9 against 19-35 ms per 1068 px S1 pair of bands; results within 2 float32 ulp)."""
-
-
-def linear_to_db(linear: np.ndarray) -> np.ndarray:
-    """S1 linear gamma0 -> float32 dB; nodata (-32768), non-finite and <= 0 become NaN.
-
-    Computed in float32 (the store dtype): half the memory traffic of float64.
-    """
-    linear = linear.astype(np.float32, copy=False)
-    valid = (linear > 0) & (linear < np.inf)  # also excludes NaN and -32768
-    out = np.full(linear.shape, np.nan, np.float32)
-    np.log(linear, out=out, where=valid)
-    out *= DB_PER_LN
-    return out
-
-
 def harmonise_s2(dn: np.ndarray, offset: bool) -> np.ndarray:
-    """uint16 DN with the baseline offset removed; nodata 0 kept, valid DN stay >= 1.
+    """uint16 ``dn`` with the baseline offset removed; nodata 0 kept, valid DN stay >= 1.
 
-    A uint16 ``dn`` is changed in place (no 27 MB temporary per cell and modality).
+    Changed in place (no 27 MB temporary per cell and modality).
     """
-    if dn.dtype != np.uint16:
-        dn = np.clip(dn, 0, 65535).astype(np.uint16)
     if not offset:
         return dn
     nodata = dn == 0
@@ -270,10 +253,12 @@ def decode_cell(
                     f"{file} row {row} ({values['grid_cell']}) column {column}: "
                     f"not a GeoTIFF: {err}"
                 ) from err
+    source = f"{file} row {row} ({values['grid_cell']})"
     if modality == "s1":
-        data = linear_to_db(stack)
+        data = s1_to_db(stack, S1_NODATA, source, linear=True)
     else:
-        data = harmonise_s2(stack, has_offset(product_id, np.datetime64(timestamp)))
+        dn = s2_to_dn(modality, stack, None, source, None)
+        data = harmonise_s2(dn, has_offset(product_id, np.datetime64(timestamp)))
     return data, grid[0], grid[1]
 
 
@@ -284,8 +269,7 @@ def majortom_sample(
     cell, tile_index = divmod(index, tiles_per_side**2)
     sources = {m: cells[cell][m] for m in MODALITIES if m in cells[cell]}
     decoded = {m: decode_cell(m, **s) for m, s in sources.items()}
-    reference = next(m for m in ("s2_l2a", "s2_l1c", "s1") if m in decoded)
-    _, crs, transform = decoded[reference]
+    _, crs, transform = decoded[_reference(decoded)]
     shape = (tile_size * tiles_per_side,) * 2
     rows, cols = tile_window(tile_index, tiles_per_side, tile_size)
     pixels = {}
@@ -307,6 +291,28 @@ def majortom_sample(
     )
 
 
+def _reference(modalities: Collection[str]) -> str:
+    """The modality whose grid the others are aligned onto (S2 L2A, else L1C, else S1)."""
+    return next(m for m in ("s2_l2a", "s2_l1c", "s1") if m in modalities)
+
+
+def majortom_gap(
+    cells: Sequence[Mapping[str, Any]],
+    tile_size: int,
+    tiles_per_side: int,
+    index: int,
+    modality: str,
+) -> tuple[str, str]:
+    """(reason, input) of sample ``index``'s ``modality`` input having no valid pixel."""
+    cell, tile_index = divmod(index, tiles_per_side**2)
+    sources = {m: cells[cell][m] for m in MODALITIES if m in cells[cell]}
+    _, crs, transform = decode_cell(_reference(sources), **sources[_reference(sources)])
+    data, src_crs, src_transform = decode_cell(modality, **sources[modality])
+    tile = rasterio.Affine(*tile_transform(transform, tile_index, tiles_per_side, tile_size))
+    name = f"{sources[modality]['file']} row {sources[modality]['row']} ({cells[cell]['_cell']})"
+    return gap_reason(modality, data, src_crs, src_transform, crs, tile, tile_size), name
+
+
 def prepare_majortom(
     roots: Mapping[str, str],
     path: str,
@@ -314,6 +320,7 @@ def prepare_majortom(
     cell_size: int = 1068,
     require_all: bool = True,
     *,
+    keep_partial: bool = False,
     encoding: Encoding | None = None,
     overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
@@ -327,6 +334,8 @@ def prepare_majortom(
         tile_size: tile size (cells are cut into (cell_size / tile_size)**2 tiles).
         cell_size: Major-TOM cell size in pixels (1068).
         require_all: keep only cells present in every given modality.
+        keep_partial: keep tiles where some input has no valid pixel (that modality marked
+            unavailable) instead of refusing them.
         encoding: store chunking/compression.
         overwrite: replace an existing store at ``path``.
         storage_options: fsspec options of the output store.
@@ -347,6 +356,7 @@ def prepare_majortom(
         encoding=encoding,
         overwrite=overwrite,
         storage_options=storage_options,
+        keep_partial=keep_partial,
         **run_options,
     )
 
@@ -386,6 +396,7 @@ def write_cells(
         modalities,
         plan,
         source,
+        explain_gap=partial(majortom_gap, cells, tile_size, tiles_per_side),
         **write_options,
     )
     report.notes = notes + report.notes

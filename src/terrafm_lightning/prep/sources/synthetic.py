@@ -19,6 +19,7 @@ import numpy as np
 
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.driver import PrepReport
+from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.writer import write_tiles
 from terrafm_lightning.store.records import Sample
 from terrafm_lightning.store.schema import WORLDCOVER_CODES, Encoding
@@ -284,12 +285,12 @@ def prepare_synthetic(
             address), ``workers``, ``skip_bad``, ``progress``.
     """
     if not 0 < gain_range[0] <= gain_range[1]:
-        raise ValueError(f"gain_range must satisfy 0 < low <= high, got {gain_range}")
+        raise InputError(f"gain_range must satisfy 0 < low <= high, got {gain_range}")
     plan = {"kind": "synthetic", "n_samples": n_samples, "tile_size": tile_size, "seed": seed}
     if s2_noise < 0:
-        raise ValueError(f"s2_noise must be >= 0, got {s2_noise}")
+        raise InputError(f"s2_noise must be >= 0, got {s2_noise}")
     if nuisance < 0:
-        raise ValueError(f"nuisance must be >= 0, got {nuisance}")
+        raise InputError(f"nuisance must be >= 0, got {nuisance}")
     # Stores written before these options existed keep their digest (resume stays possible).
     if tuple(gain_range) != GAIN_RANGE:
         plan["gain_range"] = list(gain_range)
