@@ -11,6 +11,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.models import load_released_weights
 from terrafm_lightning.ssl.checkpoint import load_pretraining_backbone
@@ -48,7 +49,7 @@ class BackboneTask(LightningModule):
     ) -> None:
         super().__init__()
         if checkpoint and released_weights:
-            raise ValueError("give either checkpoint or released_weights, not both")
+            raise UserError("give either checkpoint or released_weights, not both")
         if checkpoint:
             self.backbone = load_pretraining_backbone(
                 checkpoint, checkpoint_branch, backbone_kwargs
