@@ -348,6 +348,9 @@ class _DropLightningInterruptNote(logging.Filter):
         return "Detected KeyboardInterrupt" not in record.getMessage()
 
 
+_DROP_INTERRUPT_NOTE = _DropLightningInterruptNote()
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``terrafm`` and ``python -m terrafm_lightning``.
 
@@ -360,9 +363,8 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if argv else sys.stderr)
         raise SystemExit(0 if argv else 2)
-    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(
-        _DropLightningInterruptNote()
-    )
+    # Lightning's rank_zero_info logs through this logger (one filter, however many calls).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_INTERRUPT_NOTE)
     try:
         command = COMMANDS.get(argv[0])
         if command:
