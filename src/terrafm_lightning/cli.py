@@ -366,11 +366,13 @@ def main(args: list[str] | None = None) -> None:
     # Lightning's rank_zero_info logs through this logger (one filter, however many calls).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_INTERRUPT_NOTE)
     try:
-        command = COMMANDS.get(argv[0])
-        if command:
-            command[1](argv[1:])
-        else:
+        if argv[0] in COMMANDS:
+            COMMANDS[argv[0]][1](argv[1:])
+        elif argv[0] in SUBCOMMANDS or argv[0].startswith("-"):
             run_cli(argv)
+        else:
+            names = ", ".join([*SUBCOMMANDS, *COMMANDS])
+            raise UserError(f"unknown subcommand {argv[0]!r}: choose from {names} (see --help)")
     except (KeyboardInterrupt, RunInterrupted) as err:
         if debug:
             raise
