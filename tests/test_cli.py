@@ -307,6 +307,9 @@ def test_help_lists_every_subcommand(tmp_path: Path) -> None:
     table = result.stdout.split("subcommands:\n")[1].split("\n\n")[0]
     assert [line.split()[0] for line in table.splitlines()] == [*SUBCOMMANDS, *COMMANDS]
     assert [*SUBCOMMANDS, *COMMANDS] == ["fit", "validate", "test", "predict", "export-backbone"]
+    # No subcommand: the same text on stderr, exit status 2.
+    bare = terrafm(cwd=tmp_path)
+    assert (bare.returncode, bare.stdout, bare.stderr) == (2, "", result.stdout)
 
 
 def test_a_bug_keeps_its_traceback(trained, monkeypatch: pytest.MonkeyPatch) -> None:
