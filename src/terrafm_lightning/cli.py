@@ -5,36 +5,45 @@ datamodule of the package; YAML names them by short class name (``class_path:
 TerraFMPretrainModule``). ``terrafm export-backbone --ckpt X --out Y [--student] [--released]``
 writes a pretraining checkpoint's backbone (see :mod:`terrafm_lightning.ssl.checkpoint`).
 
-User mistakes (a config key typo, a missing file, store or checkpoint, a checkpoint of another
-model, an unreachable S3 endpoint) end with one ``terrafm: error: ...`` line naming the thing
-and the fix, exit status 2; ``--debug`` or ``TERRAFM_DEBUG=1`` shows the traceback instead.
-LightningCLI has no such mode (it prints the usage, and errors raised in a run are tracebacks),
-hence the wrapper in :func:`main`.
+User mistakes end with one ``terrafm: error: ...`` line naming the thing and the fix, exit
+status 2: the project's own :class:`~terrafm_lightning.errors.UserError` (a missing file, store
+or checkpoint, a checkpoint of another model, ...), found anywhere in the exception's cause
+chain (jsonargparse wraps a datamodule's error in its "Union subtypes" message), jsonargparse's
+parse errors (a misspelt or abbreviated option) and Lightning's ``MisconfigurationException``.
+Any other exception is a bug and keeps its traceback; ``--debug`` or ``TERRAFM_DEBUG=1`` shows
+the traceback of user mistakes too. Ctrl-C prints one line saying how to resume, exit status
+130. LightningCLI has no such mode (it prints the usage, and errors raised in a run are
+tracebacks), hence the wrapper in :func:`main`.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from jsonargparse import ArgumentError
-from lightning import LightningDataModule, LightningModule
+from lightning import LightningDataModule, LightningModule, Trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 # Imported so LightningCLI resolves their short class names in YAML configs.
 import terrafm_lightning.data.datamodule  # noqa: F401
 import terrafm_lightning.eval  # noqa: F401
 import terrafm_lightning.ssl.prediction  # noqa: F401
 import terrafm_lightning.ssl.probe  # noqa: F401
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.models.checkpoints import read_checkpoint
 from terrafm_lightning.ssl.checkpoint import export_backbone, released_export_note
-from terrafm_lightning.ssl.module import TerraFMPretrainModule
-from terrafm_lightning.store.format import StoreError
+from terrafm_lightning.ssl.module import MODULE_CLASS_KEY, TerraFMPretrainModule
 
 RUN_VERSION_ENV = "TERRAFM_RUN_VERSION"
 """``<pid>:<version>`` of the launching process, so DDP ranks it starts share the run folder."""
@@ -42,20 +51,19 @@ RUN_VERSION_ENV = "TERRAFM_RUN_VERSION"
 DEBUG_ENV = "TERRAFM_DEBUG"
 """Set to 1 (or pass ``--debug``) to see tracebacks instead of one-line errors."""
 
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
-
-
-class UserError(Exception):
-    """A mistake in the command line, config or inputs; printed as one line."""
-
+SUBCOMMANDS = tuple(LightningCLI.subcommands())
+"""LightningCLI's subcommands: fit, validate, test, predict."""
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
     ArgumentError,
-    StoreError,
-    FileNotFoundError,
-    ValueError,
+    MisconfigurationException,
 )
+"""Exception classes printed as one line: the project's, jsonargparse's and Lightning's."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by Ctrl-C; the message says how to resume it."""
 
 
 class TerraFMCLI(LightningCLI):
@@ -66,10 +74,30 @@ class TerraFMCLI(LightningCLI):
 
         A link to a parameter the chosen model class lacks is skipped. The pretraining module
         takes the store's class statistics from ``trainer.datamodule`` in its ``setup`` instead,
-        so no store is opened while the config is parsed.
+        so no store is opened while the config is parsed. Each subcommand's parser is kept to
+        name the nearest valid option of a refused one.
         """
         for name in ("num_classes", "multilabel", "ignore_index"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        self.option_parsers = [*getattr(self, "option_parsers", []), parser]
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """Parse, naming the nearest valid option of an unknown (or abbreviated) one."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            found = re.match(r"unrecognized arguments: (.*)", str(err))
+            unknown = [a.split("=")[0] for a in (found.group(1) if found else "").split()]
+            unknown = [a for a in unknown if a.startswith("--")]
+            if not unknown:
+                raise
+            defaults = [p.get_defaults() for p in self.option_parsers]
+            valid = {f"--{key}" for d in defaults for key in d.keys()}  # noqa: SIM118 (not iterable)
+            near = difflib.get_close_matches(unknown[0], sorted(valid), n=1)
+            hint = f"; did you mean {near[0]}?" if near else "; see --help"
+            raise UserError(
+                f"option {unknown[0]} is not accepted (options are never abbreviated){hint}"
+            ) from err
 
     def before_instantiate_classes(self) -> None:
         """Give all loggers of a run one new version: one run folder, never another run's.
@@ -80,6 +108,7 @@ class TerraFMCLI(LightningCLI):
         ``ModelCheckpoint`` without ``dirpath`` then writes into
         ``<save_dir>/<name>/version_N/checkpoints`` of that same run.
         """
+        self.new_run_folder = False
         config = self.config.get(str(self.subcommand), self.config)
         loggers = (config.get("trainer") or {}).get("logger")
         loggers = loggers if isinstance(loggers, list) else [loggers]
@@ -107,6 +136,19 @@ class TerraFMCLI(LightningCLI):
             os.environ[RUN_VERSION_ENV] = f"{os.getpid()}:{version}"
         for a in args:
             a["version"] = version
+        self.new_run_folder = True
+
+    def after_instantiate_classes(self) -> None:
+        """Create a new run's CSV log folder now, while it is empty.
+
+        The TensorBoard events and ``config.yaml`` go into the same folder first; a CSVLogger
+        created after them would warn that its folder "exists and is not empty" on every run.
+        """
+        if not getattr(self, "new_run_folder", False):
+            return
+        for logger in self.trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                _ = logger.experiment  # rank 0 creates the folder (a no-op on other ranks)
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path``, then load its hyper-parameters into the config.
@@ -123,7 +165,8 @@ class TerraFMCLI(LightningCLI):
         ckpt = read_checkpoint(path)
         self._ckpt_keys = set(ckpt["state_dict"])
         hparams = ckpt.get("hyper_parameters") or {}
-        written_by = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+        written_by = str(hparams.get("_class_path") or ckpt.get(MODULE_CLASS_KEY) or "")
+        written_by = written_by.rsplit(".", 1)[-1]
         wanted = str(self.config[subcommand]["model"].get("class_path", "")).rsplit(".", 1)[-1]
         if written_by and wanted and written_by != wanted:
             raise UserError(
@@ -155,7 +198,11 @@ class TerraFMCLI(LightningCLI):
             self.model.optimizer_init = optimizer.as_dict()
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Refuse a checkpoint whose tensors do not fit the model, before the run starts."""
+        """Refuse a checkpoint whose tensors do not fit the model, then run.
+
+        Lightning turns Ctrl-C into ``sys.exit(1)`` after its shutdown; that becomes
+        :class:`RunInterrupted`, naming the checkpoint to resume from.
+        """
         if self._ckpt_keys is not None and getattr(self.model, "strict_loading", True):
             missing = sorted(set(self.model.state_dict()) - self._ckpt_keys)
             if missing:
@@ -165,7 +212,21 @@ class TerraFMCLI(LightningCLI):
                     f"{len(missing)} of its tensors (e.g. {missing[0]}); pass a checkpoint of this "
                     "model and config"
                 )
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            if not self.trainer.interrupted:
+                raise
+            raise RunInterrupted(self._resume_hint(subcommand)) from None
+
+    def _resume_hint(self, subcommand: str) -> str:
+        if subcommand != "fit":
+            return "interrupted; rerun the same command to resume"
+        last = [c.last_model_path for c in self.trainer.checkpoint_callbacks]
+        last = [p for p in last if p and Path(p).exists()]
+        if not last:
+            return "interrupted before the first checkpoint; rerun the same command to start again"
+        return f"interrupted; rerun the same command with --ckpt_path {last[0]} to resume"
 
 
 def _export_main(argv: list[str]) -> None:
@@ -191,13 +252,47 @@ def _export_main(argv: list[str]) -> None:
     print(out)
 
 
-def run_cli(args: list[str] | None = None) -> TerraFMCLI:
-    """Run the LightningCLI on ``args`` (subcommand first; default ``sys.argv``), return it.
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
+    "export-backbone": (
+        "Write a pretraining checkpoint's backbone to a .pth file (or the released layout).",
+        _export_main,
+    ),
+}
+"""Subcommands besides LightningCLI's: name -> (one-line help, entry point given the rest of
+the command line). ``terrafm --help`` lists them after LightningCLI's."""
 
-    Python callers (the demo, notebooks) pass ``args`` while their own process has options in
-    ``sys.argv``; Lightning's warning against mixing the two does not apply to them.
+
+def _first_sentence(function: Callable) -> str:
+    return " ".join(inspect.getdoc(function).split()).split(". ")[0].rstrip(".")
+
+
+def usage() -> str:
+    """``terrafm --help``: every subcommand, LightningCLI's and :data:`COMMANDS`, one line each."""
+    helps = {name: _first_sentence(getattr(Trainer, name)) for name in SUBCOMMANDS}
+    helps |= {name: text for name, (text, _) in COMMANDS.items()}
+    width = max(map(len, helps))
+    lines = [
+        f"usage: terrafm [--debug] {{{','.join(helps)}}} ...",
+        "",
+        "Pretrain and evaluate TerraFM models (LightningCLI): "
+        "`terrafm <subcommand> --help` shows a subcommand's options.",
+        "",
+        "subcommands:",
+        *(f"  {name:<{width}}  {text}" for name, text in helps.items()),
+        "",
+        f"--debug (or {DEBUG_ENV}=1) shows the traceback of an error instead of one line.",
+    ]
+    return "\n".join(lines)
+
+
+def run_cli(args: list[str]) -> TerraFMCLI:
+    """Run the LightningCLI on ``args`` (subcommand first), return it.
+
+    Lightning warns when ``args`` is given while the process has its own options in
+    ``sys.argv``; the ``terrafm`` command passes its own, and Python callers (the demo,
+    notebooks, tests) pass theirs, so the warning does not apply.
     """
-    one_line = {"exit_on_error": False}
+    parser = {"exit_on_error": False, "allow_abbrev": False}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return TerraFMCLI(
@@ -206,9 +301,23 @@ def run_cli(args: list[str] | None = None) -> TerraFMCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={**one_line, **dict.fromkeys(SUBCOMMANDS, one_line)},
+            parser_kwargs={**parser, **dict.fromkeys(SUBCOMMANDS, parser)},
             args=args,
         )
+
+
+def user_mistake(err: BaseException) -> BaseException | None:
+    """The user mistake behind ``err``: None for a bug.
+
+    The outermost project :class:`UserError` in the cause chain (jsonargparse wraps a class's
+    error in its own ``ValueError``), else the innermost jsonargparse or Lightning one (the
+    nested parser's error that names the key).
+    """
+    chain = [err]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    ours = [e for e in chain if isinstance(e, UserError)]
+    return next(iter(ours or [e for e in chain[::-1] if isinstance(e, USER_ERRORS)]), None)
 
 
 def _message(err: BaseException, argv: list[str]) -> str:
@@ -223,7 +332,7 @@ def _message(err: BaseException, argv: list[str]) -> str:
         return message
     key = re.search(r"(?:Option|Key) ['\"]([^'\"]+)['\"] is not accepted", str(err))
     if key:
-        message = f"{message.split(':')[0]}: option '{key.group(1)}' is not accepted"
+        message = f"option '{key.group(1)}' is not accepted"
         configs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
         line = re.compile(rf"^\s*{re.escape(key.group(1).split('.')[-1])}\s*:", re.M)
         found = [c for c in configs if Path(c).is_file() and line.search(Path(c).read_text())]
@@ -232,27 +341,47 @@ def _message(err: BaseException, argv: list[str]) -> str:
     return message
 
 
+class _DropLightningInterruptNote(logging.Filter):
+    """Lightning's "Detected KeyboardInterrupt" note: :func:`main` prints its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Detected KeyboardInterrupt" not in record.getMessage()
+
+
+_DROP_INTERRUPT_NOTE = _DropLightningInterruptNote()
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of ``terrafm`` and ``python -m terrafm_lightning``."""
+    """Entry point of ``terrafm`` and ``python -m terrafm_lightning``.
+
+    ``--debug`` anywhere on the command line is taken out before parsing; DDP ranks that
+    Lightning starts from ``sys.argv`` see it there too.
+    """
     argv = list(sys.argv[1:] if args is None else args)
-    if "--debug" in argv:
-        # The environment reaches DDP ranks that Lightning relaunches from sys.argv.
-        os.environ[DEBUG_ENV] = "1"
-        argv.remove("--debug")
-        if args is None:
-            sys.argv.remove("--debug")
-    debug = os.environ.get(DEBUG_ENV) == "1"
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV) == "1"
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    # Lightning's rank_zero_info logs through this logger (one filter, however many calls).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DROP_INTERRUPT_NOTE)
     try:
-        if argv[:1] == ["export-backbone"]:
-            _export_main(argv[1:])
+        if argv[0] in COMMANDS:
+            COMMANDS[argv[0]][1](argv[1:])
+        elif argv[0] in SUBCOMMANDS or argv[0].startswith("-"):
+            run_cli(argv)
         else:
-            run_cli(argv if args is not None else None)
-    except USER_ERRORS as err:
+            names = ", ".join([*SUBCOMMANDS, *COMMANDS])
+            raise UserError(f"unknown subcommand {argv[0]!r}: choose from {names} (see --help)")
+    except (KeyboardInterrupt, RunInterrupted) as err:
         if debug:
             raise
-        cause: Any = err
-        while cause.__cause__ is not None and not str(cause):
-            cause = cause.__cause__
-        print(f"terrafm: error: {_message(cause, argv)}", file=sys.stderr)
+        print(f"terrafm: {err or 'interrupted; rerun the same command to resume'}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:
+        mistake = user_mistake(err)
+        if debug or mistake is None:
+            raise
+        print(f"terrafm: error: {_message(mistake, argv)}", file=sys.stderr)
         print(f"  (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None

@@ -6,6 +6,8 @@ every presence/availability mask in the package.
 
 from __future__ import annotations
 
+from terrafm_lightning.errors import UserError
+
 MODALITIES: tuple[str, ...] = ("s1", "s2_l1c", "s2_l2a")
 """Modality keys, in presence-mask column order."""
 
@@ -119,5 +121,5 @@ WORLDCOVER_CLASSES: dict[int, str] = {
 def check_modality(name: str) -> str:
     """Return ``name`` if it is a known modality, else raise a ``ValueError`` listing them."""
     if name not in BANDS:
-        raise ValueError(f"unknown modality {name!r}; expected one of {list(MODALITIES)}")
+        raise UserError(f"unknown modality {name!r}; expected one of {list(MODALITIES)}")
     return name

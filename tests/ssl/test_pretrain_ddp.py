@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import run_rank_script
 from tests.generators.stores import make_synthetic_store
-from tests.ssl.test_cli import metric_rows, step_losses, tiny_config, wait_for_checkpoint
+from tests.test_cli import metric_rows, step_losses, tiny_config, wait_for_checkpoint
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import BANDS, SSL4EO_STATS, check_modality
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class BandMapping:
         """Select, normalise and fill: (..., C_dataset, H, W) -> float32 (..., C_stem, H, W)."""
         x = torch.as_tensor(np.asarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x)
         if x.shape[-3] != len(self.source_bands):
-            raise ValueError(
+            raise UserError(
                 f"{self.modality}: expected {len(self.source_bands)} channels "
                 f"{list(self.source_bands)}, got shape {tuple(x.shape)}"
             )
@@ -114,17 +115,17 @@ def map_bands(
     """
     check_modality(modality)
     if missing not in ("error", "fill"):
-        raise ValueError(f"missing must be 'error' or 'fill', got {missing!r}")
+        raise UserError(f"missing must be 'error' or 'fill', got {missing!r}")
     names = [canonical_band(b) for b in source_bands]
     duplicates = sorted({b for b in names if names.count(b) > 1})
     if duplicates:
-        raise ValueError(f"{source}: duplicate bands {duplicates} in {list(source_bands)}")
+        raise UserError(f"{source}: duplicate bands {duplicates} in {list(source_bands)}")
     stem = BANDS[modality]
     indices = tuple(names.index(b) if b in names else None for b in stem)
     stats = stats or SSL4EO_STATS[modality]
     mean, std = tuple(map(float, stats["mean"])), tuple(map(float, stats["std"]))
     if len(mean) != len(stem) or len(std) != len(stem):
-        raise ValueError(
+        raise UserError(
             f"{source}: statistics for {modality} need {len(stem)} values (bands {list(stem)}), "
             f"got {len(mean)} means and {len(std)} stds"
         )
@@ -135,7 +136,7 @@ def map_bands(
             f"(bands {list(source_bands)})"
         )
         if missing == "error":
-            raise ValueError(message + "; pass missing_bands='fill' to fill them with the mean")
+            raise UserError(message + "; pass missing_bands='fill' to fill them with the mean")
         warnings.warn(
             message + "; filled with the normalisation mean (0 after normalisation)",
             stacklevel=2,

@@ -19,6 +19,7 @@ from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.features import SplitFeatures, extract_features
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
@@ -244,7 +245,7 @@ class KNNCallback(Callback):
         temperature: float = 0.07,
     ) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise UserError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.datamodule = datamodule
         self.every_n_epochs = every_n_epochs
         self.k = k

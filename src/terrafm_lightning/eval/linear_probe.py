@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.features import SplitFeatures
 from terrafm_lightning.eval.metrics import classification_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
@@ -85,7 +86,7 @@ class LinearProbe(BackboneTask):
         kwargs.setdefault("frozen", True)
         super().__init__(**kwargs)
         if pooling not in ("cls", "cls_mean"):
-            raise ValueError(f"pooling must be 'cls' or 'cls_mean', got {pooling!r}")
+            raise UserError(f"pooling must be 'cls' or 'cls_mean', got {pooling!r}")
         self.save_hyperparameters()
         width = self.backbone.embed_dim * (2 if pooling == "cls_mean" else 1)
         self.head = LinearHead(width, num_classes, multilabel)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from torch import Tensor, nn
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.metrics import segmentation_metrics
 from terrafm_lightning.eval.task import BackboneTask, Batch
 
@@ -122,7 +123,7 @@ class SegmentationProbe(BackboneTask):
             )
             self.head = UPerNetHead(dim, num_classes, decoder_channels)
         else:
-            raise ValueError(f"head must be 'linear' or 'upernet', got {head!r}")
+            raise UserError(f"head must be 'linear' or 'upernet', got {head!r}")
         self.metrics = nn.ModuleDict(
             {s: segmentation_metrics(num_classes, ignore_index) for s in ("val", "test")}
         )

@@ -12,6 +12,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.models import load_released_weights
 from terrafm_lightning.ssl.checkpoint import load_pretraining_backbone
@@ -43,7 +44,7 @@ def check_architecture(backbone: nn.Module, requested: dict[str, Any], source: s
             continue
         have = ARCHITECTURE[key](backbone)
         if (sorted(want) if key == "modalities" else want) != have:
-            raise ValueError(
+            raise UserError(
                 f"{source}: the checkpoint's backbone has {key}={have}, backbone_kwargs asks "
                 f"{key}={want}; remove {key} from backbone_kwargs (the checkpoint sets the "
                 "architecture) or give a checkpoint of that architecture"
@@ -80,7 +81,7 @@ class BackboneTask(LightningModule):
     ) -> None:
         super().__init__()
         if checkpoint and released_weights:
-            raise ValueError("give either checkpoint or released_weights, not both")
+            raise UserError("give either checkpoint or released_weights, not both")
         if checkpoint:
             overrides = {k: v for k, v in (backbone_kwargs or {}).items() if k not in ARCHITECTURE}
             self.backbone = load_pretraining_backbone(checkpoint, checkpoint_branch, overrides)

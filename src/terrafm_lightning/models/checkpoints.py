@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from terrafm_lightning.errors import MissingInputError, UserError
+
 
 def read_torch_file(path: str | Path, what: str) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU with errors that name the file.
@@ -19,16 +21,16 @@ def read_torch_file(path: str | Path, what: str) -> Any:
         what: what the file should be, for messages (e.g. ``"checkpoint"``).
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file is corrupt or not a torch file.
+        MissingInputError: if ``path`` does not exist.
+        UserError: if the file is corrupt or not a torch file.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingInputError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable {what} ({err})") from err
+        raise UserError(f"{path}: not a readable {what} ({err})") from err
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -40,5 +42,5 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     ckpt = read_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: no 'state_dict' (not a Lightning checkpoint)")
+        raise UserError(f"{path}: no 'state_dict' (not a Lightning checkpoint)")
     return ckpt

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.models.checkpoints import read_torch_file
 from terrafm_lightning.models.terrafm import TerraFM
 
@@ -58,7 +59,7 @@ def load_released_weights(
     ]
     missing_required = [k for k in missing if not k.startswith(PRETRAINING_ONLY_PREFIX)]
     if unexpected or missing_required or shapes:
-        raise ValueError(
+        raise UserError(
             "released weights do not fit this model:"
             + (f"\n  unexpected: {unexpected}" if unexpected else "")
             + (f"\n  missing: {missing_required}" if missing_required else "")

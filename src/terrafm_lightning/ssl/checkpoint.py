@@ -25,6 +25,7 @@ import timm
 import torch
 from lightning import Callback, LightningModule, Trainer
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.models.checkpoints import read_checkpoint, read_torch_file
 from terrafm_lightning.models.released import PRETRAINING_ONLY_PREFIX, export_released_weights
 from terrafm_lightning.models.terrafm import TerraFM
@@ -52,7 +53,7 @@ def branch_state(ckpt: dict[str, Any], path: str | Path, prefix: str) -> dict[st
     }
     if not state:
         roots = sorted({k.split(".")[0] for k in ckpt["state_dict"]})
-        raise ValueError(
+        raise UserError(
             f"{path}: not a TerraFMPretrainModule checkpoint: no '{prefix}*' tensors; "
             f"top-level keys are {roots}"
         )
@@ -64,7 +65,7 @@ def _build(name: str, kwargs: dict[str, Any], state: dict[str, Any], path: str |
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: backbone does not fit {name}({kwargs}): {err}") from err
+        raise UserError(f"{path}: backbone does not fit {name}({kwargs}): {err}") from err
     return model
 
 
@@ -87,7 +88,7 @@ def load_pretraining_backbone(
         ValueError: if the file is unreadable or lacks the branch's backbone tensors.
     """
     if branch not in ("teacher", "student"):
-        raise ValueError(f"checkpoint_branch must be 'teacher' or 'student', got {branch!r}")
+        raise UserError(f"checkpoint_branch must be 'teacher' or 'student', got {branch!r}")
     ckpt = read_checkpoint(path)
     name, kwargs = checkpoint_architecture(ckpt)
     kwargs.update(backbone_kwargs or {})
@@ -187,7 +188,7 @@ def load_backbone(path: str | Path) -> TerraFM:
     """
     data = read_torch_file(path, "backbone export")
     if not isinstance(data, dict) or data.get("format") != BACKBONE_FORMAT:
-        raise ValueError(
+        raise UserError(
             f"{path}: not a backbone export of `terrafm export-backbone` (format "
             f"{BACKBONE_FORMAT}); a released-layout file loads with load_released_weights"
         )

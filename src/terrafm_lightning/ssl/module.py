@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from terrafm_lightning.batch import CropBatch, TileView
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.knn import knn_scores
 from terrafm_lightning.modalities import WORLDCOVER_CLASSES
 from terrafm_lightning.models import TerraFM
@@ -25,6 +26,9 @@ from terrafm_lightning.ssl.head import DINOHead
 from terrafm_lightning.ssl.loss import dino_loss
 from terrafm_lightning.ssl.optim import layer_decay_groups
 from terrafm_lightning.ssl.schedules import WarmupCosine
+
+MODULE_CLASS_KEY = "module_class"
+"""Checkpoint key of the module's ``<module>.<class>`` (its ``_class_path`` is not kept)."""
 
 
 class StudentTeacher(nn.Module):
@@ -191,7 +195,7 @@ class TerraFMPretrainModule(L.LightningModule):
             self.centering = Centering(hp.num_prototypes, hp.center_momentum)
             return
         if not hp.high_frequency_classes:
-            raise ValueError(
+            raise UserError(
                 "centering='dual' needs high_frequency_classes: give them, or train with a "
                 "datamodule that has them (TerraFMDataModule); use centering='dino' for plain DINO"
             )
@@ -529,12 +533,14 @@ class TerraFMPretrainModule(L.LightningModule):
 
         LightningCLI records its instantiator and the class path; every argument of this module
         is a plain value, and with them ``Subclass.load_from_checkpoint`` (probes) would be
-        refused.
+        refused. The writing class is kept under :data:`MODULE_CLASS_KEY` instead, for the
+        CLI's check that ``--ckpt_path`` fits the config's model.
         """
         self._check_finite()
         hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         hparams.pop("_class_path", None)
+        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ------------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -16,6 +16,7 @@ import fsspec
 import numpy as np
 import zarr
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import BANDS, MODALITIES, UNITS
 from terrafm_lightning.store.schema import (
     DROPPED,
@@ -34,7 +35,7 @@ from terrafm_lightning.store.schema import (
 )
 
 
-class StoreError(ValueError):
+class StoreError(UserError):
     """A store is missing, unreachable or does not match the expected format."""
 
 

@@ -29,6 +29,7 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from terrafm_lightning.errors import MissingInputError, UserError
 from terrafm_lightning.eval.band_mapping import (
     BandMapping,
     MissingBands,
@@ -69,7 +70,7 @@ def input_size(native: int, img_size: int | None) -> int:
     """The model input size: ``img_size`` or ``native`` rounded to a multiple of 16 (>= 16)."""
     size = img_size if img_size is not None else max(16, int(native / 16 + 0.5) * 16)
     if size % 16 or size <= 0:
-        raise ValueError(f"img_size must be a positive multiple of 16, got {size}")
+        raise UserError(f"img_size must be a positive multiple of 16, got {size}")
     return size
 
 
@@ -87,7 +88,7 @@ def _open_tif(path: Path) -> tuple[np.ndarray, list[str], str]:
             descriptions = [d.strip() if d else "" for d in src.descriptions]
             dtype = src.dtypes[0]
     except rasterio.RasterioIOError as err:
-        raise ValueError(f"{path}: unreadable GeoTIFF ({err})") from err
+        raise UserError(f"{path}: unreadable GeoTIFF ({err})") from err
     return np.ma.filled(data.astype(np.float32), np.nan), descriptions, dtype
 
 
@@ -114,10 +115,10 @@ def read_tif_bands(
     """
     data, descriptions, dtype = _open_tif(path)
     if dtypes is not None and dtype not in dtypes:
-        raise ValueError(f"{path}: dtype {dtype}, expected one of {list(dtypes)}")
+        raise UserError(f"{path}: dtype {dtype}, expected one of {list(dtypes)}")
     bands = [canonical_band(d) for d in descriptions] if all(descriptions) else list(documented)
     if data.shape[0] != len(bands):
-        raise ValueError(f"{path}: {data.shape[0]} bands, expected {len(bands)} {bands}")
+        raise UserError(f"{path}: {data.shape[0]} bands, expected {len(bands)} {bands}")
     return data, bands
 
 
@@ -128,14 +129,14 @@ def read_split_file(path: Path) -> list[str]:
     names = [Path(n).stem if n.lower().endswith((".tif", ".jpg", ".png")) else n for n in names]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"{path}: empty split file")
+        raise UserError(f"{path}: empty split file")
     return names
 
 
-def layout_error(root: Path, expected: str) -> FileNotFoundError:
+def layout_error(root: Path, expected: str) -> MissingInputError:
     """The error of a root without the expected layout: what was expected, what is there."""
     found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:12]
-    return FileNotFoundError(f"{root}: expected {expected}; found {found or 'nothing'}")
+    return MissingInputError(f"{root}: expected {expected}; found {found or 'nothing'}")
 
 
 def fallback_split(
@@ -148,10 +149,10 @@ def fallback_split(
     """Seeded random 60/20/20 split, only on the user's opt-in (``split_seed``), with a warning.
 
     Raises:
-        FileNotFoundError: naming the ``expected`` official split files when ``seed`` is None.
+        MissingInputError: naming the ``expected`` official split files when ``seed`` is None.
     """
     if seed is None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{source}: official split files {expected} not found; put them there, or "
             f"{SPLIT_SEED_HINT} for a seeded random 60/20/20 split (not comparable with "
             "published results)"
@@ -264,13 +265,13 @@ class EvalDataModule(LightningDataModule):
         super().__init__()
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{type(self).__name__}: dataset folder not found: {root}")
+            raise MissingInputError(f"{type(self).__name__}: dataset folder not found: {root}")
         if not modalities:
-            raise ValueError(f"{type(self).__name__}: give at least one modality")
+            raise UserError(f"{type(self).__name__}: give at least one modality")
         for m in modalities:
             check_modality(m)
             if m not in self.supported:
-                raise ValueError(
+                raise UserError(
                     f"{type(self).__name__}: modality {m!r} not in this dataset "
                     f"(has {list(self.supported)})"
                 )
@@ -326,7 +327,7 @@ class EvalDataModule(LightningDataModule):
             return
         for split, dataset in self.split_datasets().items():
             if not len(dataset):
-                raise ValueError(f"{type(self).__name__}: split {split!r} of {self.root} is empty")
+                raise UserError(f"{type(self).__name__}: split {split!r} of {self.root} is empty")
             self.datasets[split] = dataset
         log.info("%s: %s", type(self).__name__, {s: len(d) for s, d in self.datasets.items()})
 

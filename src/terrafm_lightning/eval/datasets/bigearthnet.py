@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchgeo.datasets import BigEarthNetV2
 
+from terrafm_lightning.errors import MissingInputError, UserError
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
@@ -127,7 +128,7 @@ def ben19_target(labels: Sequence[str], source: str) -> torch.Tensor:
     """Multi-hot (19,) float target of a patch's CORINE label names."""
     unknown = [name for name in labels if name not in CORINE_TO_BEN19]
     if unknown:
-        raise ValueError(f"{source}: unknown BigEarthNet labels {unknown}")
+        raise UserError(f"{source}: unknown BigEarthNet labels {unknown}")
     target = torch.zeros(len(BEN19_CLASSES))
     for name in labels:
         if CORINE_TO_BEN19[name] is not None:
@@ -139,9 +140,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: unreadable labels metadata ({err})") from err
+        raise UserError(f"{path}: unreadable labels metadata ({err})") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
-        raise ValueError(f"{path}: no 'labels' list")
+        raise UserError(f"{path}: no 'labels' list")
     return meta
 
 
@@ -232,7 +233,7 @@ class BigEarthNetDataModule(EvalDataModule):
                 names = {s: read_split_file(f) for s, f in zip(SPLITS, csvs, strict=True)}
                 absent = sorted({n for ns in names.values() for n in ns} - available)
                 if absent:
-                    raise FileNotFoundError(
+                    raise MissingInputError(
                         f"{self.root}: {len(absent)} split patches not found, e.g. {absent[:3]}"
                     )
                 return names
@@ -244,7 +245,7 @@ class BigEarthNetDataModule(EvalDataModule):
         for band in BANDS["s2_l2a"]:
             path = folder / f"{folder.name}_{band}.tif"
             if not path.is_file():
-                raise FileNotFoundError(f"{folder}: missing band file {path.name}")
+                raise MissingInputError(f"{folder}: missing band file {path.name}")
             bands.append(resize(torch.from_numpy(read_tif(path)), S2_NATIVE_SIZE))
         return torch.cat(bands).numpy()
 

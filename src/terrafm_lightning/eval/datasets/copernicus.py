@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchgeo.datasets.copernicus import DATASET_REGISTRY, CopernicusBenchLCZS2
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
@@ -109,13 +110,13 @@ class CopernicusBenchDataModule(EvalDataModule):
         self, root: str | Path, task: str, modalities: Sequence[str] | None = None, **kwargs: Any
     ) -> None:
         if task not in COPERNICUS_TASKS:
-            raise ValueError(
+            raise UserError(
                 f"unknown Copernicus-Bench task {task!r}; known: {list(COPERNICUS_TASKS)}"
             )
         spec = COPERNICUS_TASKS[task]
         super().__init__(root, modalities or [spec.modality], **kwargs)
         if (spec.modality == "s1") != (self.modalities == ["s1"]):
-            raise ValueError(
+            raise UserError(
                 f"{task}: modalities must be ['s1'] or S2 stems to match the task's sensor"
             )
         self.name = task

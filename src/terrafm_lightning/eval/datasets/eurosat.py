@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchgeo.datasets import EuroSAT
 
+from terrafm_lightning.errors import MissingInputError
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     AdaptedDataset,
@@ -142,7 +143,7 @@ class EuroSATDataModule(EvalDataModule):
             p.stem: p for c in EUROSAT_CLASSES for p in sorted((self.images / c).glob("*.tif"))
         }
         if not files:
-            raise FileNotFoundError(f"{self.images}: no .tif files in the class folders")
+            raise MissingInputError(f"{self.images}: no .tif files in the class folders")
         split_files = self._split_files()
         if split_files:
             names = {s: read_split_file(f) for s, f in split_files.items()}
@@ -151,7 +152,7 @@ class EuroSATDataModule(EvalDataModule):
             names = fallback_split(list(files), self.split_seed, str(self.root), str(expected))
         unknown = sorted({n for ns in names.values() for n in ns} - set(files))
         if unknown:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{self.root}: split files list {len(unknown)} images not found, e.g. {unknown[:3]}"
             )
         return {s: [files[n] for n in ns] for s, ns in names.items()}

@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 import torch
 
+from terrafm_lightning.errors import MissingInputError, UserError
 from terrafm_lightning.eval.band_mapping import canonical_band
 from terrafm_lightning.eval.datasets.base import Detection, EvalDataModule, Sample, layout_error
 from terrafm_lightning.eval.datasets.eurosat import EUROSAT_MS_BANDS
@@ -101,7 +102,7 @@ def read_sample(path: Path) -> tuple[dict[str, np.ndarray], Any, list[str]]:
         ValueError: naming the file if it is not a GEO-Bench HDF5 sample.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"GEO-Bench sample not found: {path}")
+        raise MissingInputError(f"GEO-Bench sample not found: {path}")
     try:
         with h5py.File(path, "r") as f:
             meta = _SafeUnpickler(io.BytesIO(_pickle_bytes(f.attrs["pickle"]))).load()
@@ -114,11 +115,9 @@ def read_sample(path: Path) -> tuple[dict[str, np.ndarray], Any, list[str]]:
             arrays = {b: np.asarray(f[b], dtype=np.float32) for b in s2}
             label = np.asarray(f["label"]) if "label" in f else meta["label"]
     except (OSError, KeyError, pickle.UnpicklingError, ValueError, SyntaxError) as err:
-        raise ValueError(
-            f"{path}: not a GEO-Bench v1 sample ({type(err).__name__}: {err})"
-        ) from err
+        raise UserError(f"{path}: not a GEO-Bench v1 sample ({type(err).__name__}: {err})") from err
     if not s2:
-        raise ValueError(f"{path}: no Sentinel-2 bands (bands: {order})")
+        raise UserError(f"{path}: no Sentinel-2 bands (bands: {order})")
     return arrays, label, s2
 
 
@@ -135,7 +134,7 @@ def s2_band_names(names: Sequence[str], source: str, task: str = "") -> list[str
     for name in names:
         match = _BAND_NUMBER.match(name)
         if not match:
-            raise ValueError(f"{source}: cannot read the S2 band of {name!r}")
+            raise UserError(f"{source}: cannot read the S2 band of {name!r}")
         parsed.append(canonical_band(match.group(1)))
     return parsed
 
@@ -194,11 +193,11 @@ class GeoBenchDataModule(EvalDataModule):
             partition_data = json.loads(path.read_text())
             self.partition = {s: list(partition_data[k]) for s, k in _SPLIT_KEYS.items()}
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{self.root}: partition file {path.name} not found") from err
+            raise MissingInputError(f"{self.root}: partition file {path.name} not found") from err
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: malformed partition ({type(err).__name__}: {err})") from err
+            raise UserError(f"{path}: malformed partition ({type(err).__name__}: {err})") from err
         if num_classes is None and known is None:
-            raise ValueError(
+            raise UserError(
                 f"{self.root}: unknown GEO-Bench task {task_key(self.root)!r}; pass num_classes "
                 f"(known: {sorted(GEOBENCH_TASKS)})"
             )
@@ -214,7 +213,7 @@ class GeoBenchDataModule(EvalDataModule):
         keys = {s: [self.root / f"{n}.hdf5" for n in names] for s, names in self.partition.items()}
         absent = [p.name for ps in keys.values() for p in ps if not p.is_file()]
         if absent:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{self.root}: {len(absent)} partition samples missing, e.g. {absent[:3]}"
             )
         return keys

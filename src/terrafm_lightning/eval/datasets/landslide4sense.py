@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 import torch
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.datasets.base import (
     SPLITS,
     Detection,
@@ -65,7 +66,7 @@ def read_h5(path: Path, key: str) -> np.ndarray:
         with h5py.File(path, "r") as f:
             return np.asarray(f[key])
     except (OSError, KeyError) as err:
-        raise ValueError(f"{path}: not a Landslide4Sense {key} file ({err})") from err
+        raise UserError(f"{path}: not a Landslide4Sense {key} file ({err})") from err
 
 
 class Landslide4SenseDataModule(EvalDataModule):
@@ -122,7 +123,7 @@ class Landslide4SenseDataModule(EvalDataModule):
         image_path, mask_path = key
         image = read_h5(image_path, "img")
         if image.ndim != 3 or image.shape[-1] != len(L4S_BANDS):
-            raise ValueError(
+            raise UserError(
                 f"{image_path}: image shape {image.shape}, expected (H, W, {len(L4S_BANDS)})"
             )
         image = np.moveaxis(image.astype(np.float32), -1, 0)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from terrafm_lightning.errors import MissingInputError
 from terrafm_lightning.eval.datasets.base import (
     Detection,
     EvalDataModule,
@@ -82,7 +83,7 @@ class Sen1Floods11DataModule(EvalDataModule):
             for p in (self.chips / "LabelHand").glob("*_LabelHand.tif")
         )
         if not chips:
-            raise FileNotFoundError(f"{self.chips / 'LabelHand'}: no *_LabelHand.tif chips")
+            raise MissingInputError(f"{self.chips / 'LabelHand'}: no *_LabelHand.tif chips")
         for where in self.split_dirs:
             files = {s: where / f for s, f in _SPLIT_FILES.items()}
             if all(f.is_file() for f in files.values()):
@@ -96,7 +97,7 @@ class Sen1Floods11DataModule(EvalDataModule):
             names = fallback_split(chips, self.split_seed, str(self.root), expected)
         absent = sorted({c for cs in names.values() for c in cs} - set(chips))
         if absent:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{self.root}: {len(absent)} split chips have no label, e.g. {absent[:3]}"
             )
         return names
@@ -107,7 +108,7 @@ class Sen1Floods11DataModule(EvalDataModule):
             folder, bands = _FOLDERS[m]
             path = self._path(folder, key)
             if not path.is_file():
-                raise FileNotFoundError(f"Sen1Floods11 chip file not found: {path}")
+                raise MissingInputError(f"Sen1Floods11 chip file not found: {path}")
             image, names = read_tif_bands(path, bands)
             sample[m] = self.prepare(image, m, names, str(path))
         label = read_tif(self._path("LabelHand", key))[0]

@@ -19,19 +19,24 @@ import xarray as xr
 import yaml
 import zarr
 
-from terrafm_lightning.cli import main, run_cli
+from terrafm_lightning.cli import COMMANDS, SUBCOMMANDS, main, run_cli, user_mistake
 from terrafm_lightning.data.datamodule import TerraFMDataModule
+from terrafm_lightning.errors import MissingInputError
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import load_released_weights, terrafm_tiny
 from terrafm_lightning.ssl.checkpoint import export_backbone, load_backbone
-from terrafm_lightning.ssl.module import TerraFMPretrainModule
+from terrafm_lightning.ssl.module import MODULE_CLASS_KEY, TerraFMPretrainModule
 from terrafm_lightning.ssl.probe import TeacherLinearProbe
 from terrafm_lightning.store.format import open_store
 from tests.conftest import free_port, s3_options
+from tests.generators.benchmarks import write_eurosat
 from tests.generators.stores import make_synthetic_store
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "pretrain_tiny_cpu.yaml"
+PROBE = ROOT / "experiments" / "probe_linear_eurosat.yaml"
+TERRAFM = str(Path(sys.executable).with_name("terrafm"))
+"""The console script installed beside this Python (``pip install -e .``)."""
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +60,6 @@ def tiny_config(
     )
     for logger in config["trainer"]["logger"]:
         logger["init_args"]["save_dir"] = str(out)
-    config["trainer"]["callbacks"] = [
-        c for c in config["trainer"]["callbacks"] if c["class_path"] != "RichProgressBar"
-    ]
     path = out / "config.yaml"
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
@@ -256,6 +258,114 @@ def test_optimizer_flag_builds_that_optimizer_over_the_layer_groups(trained) -> 
     assert all("lr_scale" in g and "decay" in g for g in optimizer.param_groups)
 
 
+def terrafm(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed ``terrafm`` command, run as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [TERRAFM, *map(str, args)]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def one_line(result: subprocess.CompletedProcess) -> str:
+    """The single ``terrafm: error:`` line of a failed command, which printed no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("terrafm:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_mistakes_through_the_command_name_their_real_cause(trained, tmp_path: Path) -> None:
+    # The README's probe example without its dataset: the datamodule's own error, not
+    # jsonargparse's "Does not validate against any of the Union subtypes".
+    result = terrafm("fit", "--config", PROBE, cwd=tmp_path)
+    missing = "EuroSATDataModule: dataset folder not found: data/eurosat"
+    assert one_line(result) == f"terrafm: error: {missing}"
+    assert "Union" not in result.stderr
+    # An abbreviated option is refused, naming the nearest valid one.
+    result = terrafm("fit", "--config", trained["config"], "--trainer.max_step", "4", cwd=tmp_path)
+    assert one_line(result) == (
+        "terrafm: error: option --trainer.max_step is not accepted (options are never "
+        "abbreviated); did you mean --trainer.max_steps?"
+    )
+    # A pretraining checkpoint given to a probe config: the checkpoint records its class.
+    last = trained["run"] / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)[MODULE_CLASS_KEY] == (
+        "terrafm_lightning.ssl.module.TerraFMPretrainModule"
+    )
+    result = terrafm("validate", "--config", PROBE, "--ckpt_path", last, cwd=tmp_path)
+    assert one_line(result) == (
+        f"terrafm: error: --ckpt_path {last} was written by TerraFMPretrainModule, but the "
+        "config runs LinearProbe: pass a LinearProbe checkpoint (or the config that trained "
+        "this one)"
+    )
+    assert not any(tmp_path.iterdir()), "a refused command wrote files"
+
+
+def test_help_lists_every_subcommand(tmp_path: Path) -> None:
+    result = terrafm("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout.split("subcommands:\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in table.splitlines()] == [*SUBCOMMANDS, *COMMANDS]
+    assert [*SUBCOMMANDS, *COMMANDS] == ["fit", "validate", "test", "predict", "export-backbone"]
+    # No subcommand: the same text on stderr, exit status 2.
+    bare = terrafm(cwd=tmp_path)
+    assert (bare.returncode, bare.stdout, bare.stderr) == (2, "", result.stdout)
+
+
+def test_a_bug_keeps_its_traceback(trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: TerraFMDataModule, stage: str | None = None) -> None:
+        raise ValueError("a bug, not a user mistake")
+
+    monkeypatch.setattr(TerraFMDataModule, "setup", broken)
+    with pytest.raises(ValueError, match="a bug, not a user mistake"):
+        main(["fit", "--config", str(trained["config"])])
+    # jsonargparse wraps an instantiation error in its own ValueError: the cause decides.
+    wrapped = ValueError("Does not validate against any of the Union subtypes")
+    wrapped.__cause__ = TypeError("a bug in __init__")
+    assert user_mistake(wrapped) is None
+    wrapped.__cause__ = MissingInputError("X: dataset folder not found: data/x")
+    assert user_mistake(wrapped) is wrapped.__cause__
+
+
+def test_recipe_runs_without_progress_bar_and_ctrl_c_says_how_to_resume(
+    store: Path, tmp_path: Path
+) -> None:
+    """The tiny recipe as shipped, from a fresh folder: no first-run warning, Ctrl-C one line."""
+    command = [TERRAFM, "fit", "--config", str(TINY), "--data.init_args.path", str(store)]
+    command += ["--trainer.enable_progress_bar", "false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    last = Path("outputs/pretrain_tiny_cpu/runs/version_0/checkpoints/last.ckpt")
+    wait_for_checkpoint(proc, tmp_path / last, min_step=2)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines()[-1] == (
+        f"terrafm: interrupted; rerun the same command with --ckpt_path {last} to resume"
+    )
+    for noise in ("Traceback", "KeyboardInterrupt", "exists and is not empty", "Error"):
+        assert noise not in err, err[-3000:]
+    assert torch.load(tmp_path / last, weights_only=True)["global_step"] >= 2
+
+
+def test_probe_runs_land_in_the_run_folders(tmp_path: Path) -> None:
+    root = write_eurosat(tmp_path / "eurosat", per_class=2, size=32)
+    args = ["--data.init_args.root", root, "--data.init_args.num_workers", "0"]
+    args += ["--data.init_args.img_size", "32", "--model.init_args.backbone", "terrafm_tiny"]
+    args += ["--model.init_args.backbone_kwargs.depth", "1", "--trainer.max_epochs", "1"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    result = terrafm("fit", "--config", PROBE, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exists and is not empty" not in result.stderr
+    out = tmp_path / "outputs" / "probe_linear_eurosat"
+    assert sorted(p.name for p in out.iterdir()) == ["runs"]
+    run = out / "runs" / "version_0"
+    assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch=0-step=1.ckpt"]
+
+
 def _one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -302,7 +412,6 @@ def test_user_mistakes_print_one_line(trained, store: Path, tmp_path: Path, caps
     # --debug shows the real exception instead.
     with pytest.raises(FileNotFoundError, match="truncated|nothere"):
         main(["fit", "--config", config, "--ckpt_path", str(tmp_path / "nothere.ckpt"), "--debug"])
-    os.environ.pop("TERRAFM_DEBUG", None)
 
 
 @pytest.mark.slow
