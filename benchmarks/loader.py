@@ -48,11 +48,12 @@ import rasterio.errors
 import torch
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
+from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset, collate_tile_batch
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
-from terrafm_lightning.store.codecs import CODECS, EMPTY_CHUNK
+from terrafm_lightning.store.codecs import CODECS
+from terrafm_lightning.store.sharding import EMPTY_CHUNK
 from terrafm_lightning.store.format import open_store
 from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES, Encoding
 

@@ -52,7 +52,7 @@ class EncodedTileBatch(TileMetadata):
 
     Per selected modality the compressed whole-tile chunks of the batch, concatenated; rows
     without a chunk (absent modality, or never written) have zero length. The reader's
-    ``decode_encoded`` turns it into a :class:`TileBatch` on the device.
+    :class:`~terrafm_lightning.data.dataset.EncodedBatchDecoder` turns it into a :class:`TileBatch` on the device.
     """
 
     chunks: dict[str, Tensor]
