@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.dataset import TileReadError
+from terrafm_lightning.store.format import TileReadError
 from terrafm_lightning.data.sampler import worldcover_tile_weights
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.store.format import StoreError, open_store
