@@ -76,9 +76,10 @@ def _describe(provenance: dict[str, Any]) -> str:
         value = provenance.get(key)
         return str(value)[:12] if value else "none recorded"
 
-    checkpoint = provenance.get("checkpoint") or "no checkpoint file"
+    path = provenance.get("checkpoint")
+    checkpoint = f"checkpoint {path}" if path else "weights without a checkpoint file"
     return (
-        f"checkpoint {checkpoint} (sha256 {short('checkpoint_sha256')}) of store "
+        f"{checkpoint} (sha256 {short('checkpoint_sha256')}) of store "
         f"{provenance.get('source') or 'none recorded'} (source_digest {short('source_digest')})"
     )
 
