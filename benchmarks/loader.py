@@ -53,9 +53,9 @@ from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
 from terrafm_lightning.store.codecs import CODECS
-from terrafm_lightning.store.sharding import EMPTY_CHUNK
 from terrafm_lightning.store.format import open_store
 from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES, Encoding
+from terrafm_lightning.store.sharding import EMPTY_CHUNK
 
 Reader = Callable[[np.ndarray], object]
 

@@ -24,8 +24,8 @@ from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.cli import main as prep_main
 from terrafm_lightning.store.codecs import _zstd_content_size, compressors
 from terrafm_lightning.store.device_decoding import HostChunkDecoder, device_decoder
-from terrafm_lightning.store.sharding import chunk_layout
 from terrafm_lightning.store.format import open_store
+from terrafm_lightning.store.sharding import chunk_layout
 from tests.generators.stores import make_synthetic_store
 
 SMALL_CROPS = {"global_crop_size": 32, "local_crop_size": 16, "n_local_crops": 1}

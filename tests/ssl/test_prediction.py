@@ -49,14 +49,20 @@ def test_predict_records_provenance_and_refuses_another_checkpoint_or_store(
     assert np.isfinite(cls).all()
     # Other weights (another seed's initialisation) into the same output: refused, both named.
     line = one_line_error(["predict", "--config", config, "--seed_everything", "1"], capsys)
-    assert f"{output} holds embeddings of weights without a checkpoint file (sha256 {digest[:12]})" in line
+    assert (
+        f"{output} holds embeddings of weights without a checkpoint file (sha256 {digest[:12]})"
+        in line
+    )
     assert f"of store {a} (source_digest {attrs['source_digest'][:12]})" in line
     assert "--trainer.callbacks.overwrite=true" in line
     other = line.split("this run uses weights without a checkpoint file (sha256 ")[1][:12]
     assert other != digest[:12]
     # Another source store: refused, naming it.
     line = one_line_error(["predict", "--config", config, "--data.init_args.path", str(b)], capsys)
-    assert f"this run uses weights without a checkpoint file (sha256 {digest[:12]}) of store {b}" in line
+    assert (
+        f"this run uses weights without a checkpoint file (sha256 {digest[:12]}) of store {b}"
+        in line
+    )
     np.testing.assert_array_equal(zarr.open_group(str(output), mode="r")["cls"][:], cls)
     # The explicit writer option replaces the output.
     replace = tiny_config(a, tmp_path / "run2", callbacks=[writer(output, chunk=4, overwrite=True)])

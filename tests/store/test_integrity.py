@@ -103,7 +103,7 @@ def test_flipped_payload_is_refused_by_the_reader_zarr_and_validate(
     with pytest.raises(ValueError, match="Stored and computed checksum do not match"):
         open_store(str(path))["s2_l2a"][DAMAGED]
     with pytest.raises(ValueError, match="Stored and computed checksum do not match"):
-        xr.open_zarr(path)["s2_l2a"][DAMAGED].values
+        xr.open_zarr(path)["s2_l2a"][DAMAGED].load()
     assert validate_store(str(clean), deep=True) == []
     code, lines = validate_lines([str(path), "--deep"], capsys)
     assert code == 1

@@ -8,16 +8,16 @@ from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
+from terrafm_lightning.store.records import (
+    worldcover_summary,
+    write_rows,
+    write_sample,
+)
 from terrafm_lightning.store.sharding import (
     EMPTY_CHUNK,
     chunk_layout,
     every_tile_holds_data,
     write_samples,
-)
-from terrafm_lightning.store.records import (
-    worldcover_summary,
-    write_rows,
-    write_sample,
 )
 from terrafm_lightning.store.validate import validate_store
 

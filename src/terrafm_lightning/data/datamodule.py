@@ -415,7 +415,9 @@ class TerraFMDataModule(LightningDataModule):
             self.setup("predict")
         hp = self.hparams
         samples = self._kept[0]
-        return PredictionSource(hp.path, dict(hp.storage_options or {}), self._source_digest, samples)
+        return PredictionSource(
+            hp.path, dict(hp.storage_options or {}), self._source_digest, samples
+        )
 
     def predict_dataloader(self) -> DataLoader:
         """Every usable written tile in store order, as the trainer's writer plans it.

@@ -178,7 +178,9 @@ class EmbeddingWriter(BasePredictionWriter):
             )
         done = frozenset(np.flatnonzero(self.root["written"][:]).tolist())
         if done and done >= set(source.samples.tolist()):
-            rank_zero_info(f"{self.output} already holds every embedding of this run: nothing to do")
+            rank_zero_info(
+                f"{self.output} already holds every embedding of this run: nothing to do"
+            )
         self._plan = PredictionPlan(
             skip=done,
             sampler=lambda samples: ChunkShardSampler(

@@ -17,8 +17,6 @@ import zarr
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.store.format import StoreError, open_store
 from terrafm_lightning.store.records import worldcover_summary
-from terrafm_lightning.store.shard_reader import ShardReader
-from terrafm_lightning.store.sharding import chunk_layout
 from terrafm_lightning.store.schema import (
     DROPPED,
     NODATA,
@@ -30,6 +28,8 @@ from terrafm_lightning.store.schema import (
     nodata_mask,
     store_arrays,
 )
+from terrafm_lightning.store.shard_reader import ShardReader
+from terrafm_lightning.store.sharding import chunk_layout
 
 
 def validate_store(
@@ -108,9 +108,7 @@ def validation_notes(path: str, storage_options: Mapping[str, Any] | None = None
     ]
 
 
-def damaged_chunks(
-    root: zarr.Group, names: list[str]
-) -> list[tuple[str, tuple[int, ...], str]]:
+def damaged_chunks(root: zarr.Group, names: list[str]) -> list[tuple[str, tuple[int, ...], str]]:
     """(array, samples, line) per damaged tile (checksum or decode failure) or unreadable shard.
 
     Reads shard by shard: the shard's chunks at once, then each verified and decoded.
@@ -202,7 +200,9 @@ def _content_problems(
             try:
                 wc = root["worldcover"][i]
             except Exception as err:
-                problems.append(f"sample {i}: worldcover cannot be read: {type(err).__name__}: {err}")
+                problems.append(
+                    f"sample {i}: worldcover cannot be read: {type(err).__name__}: {err}"
+                )
                 continue
             if not set(np.unique(wc).tolist()) <= {0, *WORLDCOVER_CODES}:
                 problems.append(f"sample {i}: WorldCover codes {np.unique(wc)} not all valid")
