@@ -51,7 +51,7 @@ import rasterio.errors
 import torch
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset, collate_tile_batch
+from terrafm_lightning.data.dataset import StoreTileDataset, collate_tile_batch
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
@@ -64,16 +64,7 @@ Reader = Callable[[np.ndarray], object]
 
 
 def make_dataset(path: str) -> StoreTileDataset:
-    meta = SampleMetadata(open_store(path))
-    return StoreTileDataset(
-        path,
-        np.arange(len(meta.written)),
-        meta.selected(MODALITIES, 1.0),
-        meta.worldcover_hist,
-        meta.dominant_class,
-        MODALITIES,
-        1.0,
-    )
+    return StoreTileDataset.from_store(path, nodata_threshold=1.0)
 
 
 def batched(dataset: StoreTileDataset, batch: int) -> Reader:

@@ -18,7 +18,7 @@ import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor 
 import zarr
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.dataset import StoreTileDataset
 from terrafm_lightning.data.shared_buffers import BufferPool
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.cli import main as prep_main
@@ -49,22 +49,8 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return path
 
 
-def _dataset(
-    path: Path, modalities: tuple[str, ...] = MODALITIES, encoded: bool = False
-) -> StoreTileDataset:
-    meta = SampleMetadata(open_store(str(path)))
-    samples = np.arange(len(meta.written))
-    available = meta.selected(modalities, 1.0)
-    return StoreTileDataset(
-        str(path),
-        samples,
-        available,
-        meta.worldcover_hist,
-        meta.dominant_class,
-        modalities,
-        0.5,
-        encoded=encoded,
-    )
+def _dataset(path: Path, encoded: bool = False) -> StoreTileDataset:
+    return StoreTileDataset.from_store(str(path), encoded=encoded)
 
 
 def test_batches_equal_zarr_reads_with_nodata_rules(store: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.dataset import StoreTileDataset
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.cli import main as prep_main
 from terrafm_lightning.store.device_decoding import HostChunkDecoder
@@ -58,17 +58,7 @@ def flip_payload(path: Path, name: str, sample: int, nbytes: int = 64) -> None:
 
 
 def dataset(path: Path, encoded: bool = False) -> StoreTileDataset:
-    meta = SampleMetadata(open_store(str(path)))
-    return StoreTileDataset(
-        str(path),
-        np.arange(len(meta.written)),
-        meta.selected(MODALITIES, 1.0),
-        meta.worldcover_hist,
-        meta.dominant_class,
-        MODALITIES,
-        1.0,
-        encoded=encoded,
-    )
+    return StoreTileDataset.from_store(str(path), nodata_threshold=1.0, encoded=encoded)
 
 
 def validate_lines(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:

@@ -166,6 +166,34 @@ class StoreTileDataset(Dataset):
         self._reader: ShardReader | None = None
         self._pool: BufferPool | None = None
 
+    @classmethod
+    def from_store(
+        cls,
+        path: str,
+        modalities: Sequence[str] = MODALITIES,
+        nodata_threshold: float = 0.5,
+        storage_options: Mapping[str, Any] | None = None,
+        encoded: bool = False,
+    ) -> StoreTileDataset:
+        """Every sample of the store at ``path``, in store order (no split, no written filter).
+
+        Each stored modality of ``modalities`` is read, whatever its stored nodata share; the
+        ``nodata_threshold`` applies to the tiles read. For tools and tests that read a whole
+        store; :class:`TerraFMDataModule` builds its own selection.
+        """
+        meta = SampleMetadata(open_store(path, storage_options=storage_options))
+        return cls(
+            path,
+            np.arange(len(meta.written)),
+            meta.selected(modalities, 1.0),
+            meta.worldcover_hist,
+            meta.dominant_class,
+            modalities,
+            nodata_threshold,
+            storage_options,
+            encoded=encoded,
+        )
+
     @property
     def samples(self) -> np.ndarray:
         """(N,) store sample indices."""
