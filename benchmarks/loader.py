@@ -10,6 +10,9 @@ medians of the per-round ratios:
 - ``reader``: :meth:`StoreTileDataset.__getitems__` in batches of ``--batch`` in this process
   with one torch thread (concurrent chunk reads, decode into the batch buffers, nodata
   handling: exactly what a worker does),
+- ``reader, no chunk checksums``: the same reader on the same pixels written without the crc32c
+  codec in the chunk chain (as stores were before chunk checksums): the checksum's cost is the
+  ratio of the two readers' CPU rates (goal: <= 3% of the reader's CPU time),
 - ``reader via DataLoader``: the same batches through a persistent 1-worker spawn DataLoader
   (shared-memory batch buffers, identity collate); CPU time counts the worker and this process,
 - ``raw decode``: the lower bound for the same bytes: per modality, the shard index and the
@@ -21,8 +24,8 @@ medians of the per-round ratios:
 
 Wall rates include waiting for the shared CPU; CPU rates count CPU time (all threads), the better
 measure of what a worker per core sustains on a loaded machine.
-Goals: DataLoader >= 0.90 of the in-process reader, reader >= 0.85 of raw decode (CPU time),
-reader >= 2x GeoTIFF.
+Goals: chunk checksums <= 3% of the reader's CPU, DataLoader >= 0.90 of the in-process reader,
+reader >= 0.85 of raw decode (CPU time), reader >= 2x GeoTIFF.
 
 With ``--real`` (default: ``$TERRAFM_SHARED/data/terramind_examples``), the real TerraMind
 samples are also prepared into one store per codec and the compressed size of each modality is
@@ -48,28 +51,20 @@ import rasterio.errors
 import torch
 from torch.utils.data import DataLoader
 
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
+from terrafm_lightning.data.dataset import StoreTileDataset, collate_tile_batch
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.prep.sources.geotiff import prepare_geotiff
 from terrafm_lightning.prep.sources.synthetic import prepare_synthetic
-from terrafm_lightning.store.codecs import CODECS, EMPTY_CHUNK
+from terrafm_lightning.store.codecs import CODECS
 from terrafm_lightning.store.format import open_store
 from terrafm_lightning.store.schema import NODATA, PIXEL_DTYPES, Encoding
+from terrafm_lightning.store.sharding import EMPTY_CHUNK, chunk_layout
 
 Reader = Callable[[np.ndarray], object]
 
 
 def make_dataset(path: str) -> StoreTileDataset:
-    meta = SampleMetadata(open_store(path))
-    return StoreTileDataset(
-        path,
-        np.arange(len(meta.written)),
-        meta.selected(MODALITIES, 1.0),
-        meta.worldcover_hist,
-        meta.dominant_class,
-        MODALITIES,
-        1.0,
-    )
+    return StoreTileDataset.from_store(path, nodata_threshold=1.0)
 
 
 def batched(dataset: StoreTileDataset, batch: int) -> Reader:
@@ -81,9 +76,13 @@ def batched(dataset: StoreTileDataset, batch: int) -> Reader:
 
 
 def raw_reader(path: Path, size: int, codec: str) -> Reader:
-    """Read each tile's inner chunks from the shard files and decode them with numcodecs."""
-    per_shard = int(open_store(str(path)).attrs["samples_per_shard"])
-    index_bytes = per_shard * 16 + 4  # (offset, nbytes) uint64 per inner chunk + crc32c
+    """Read each tile's inner chunks from the shard files and decode them with numcodecs.
+
+    The chunk's crc32c (its last 4 bytes) is left out, not checked: the lower bound.
+    """
+    layout = chunk_layout(open_store(str(path))["s1"])
+    per_shard, index_bytes = layout.samples_per_shard, layout.index_nbytes
+    trailer = 4 * layout.chunk_checksum
     decompress = numcodecs.blosc.decompress if codec == "blosc" else numcodecs.zstd.decompress
 
     def tile(i: int) -> list[np.ndarray]:
@@ -98,7 +97,7 @@ def raw_reader(path: Path, size: int, codec: str) -> Reader:
                     out.append(np.full(shape, NODATA[m], PIXEL_DTYPES[m]))
                     continue
                 f.seek(offset)
-                chunk = decompress(f.read(nbytes))
+                chunk = decompress(f.read(nbytes)[: nbytes - trailer])
             out.append(np.frombuffer(chunk, PIXEL_DTYPES[m]).reshape(shape))
         return out
 
@@ -194,11 +193,12 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
     # One intra-op thread, as in every DataLoader worker (idle OpenMP threads would spin and
     # bill CPU time to the in-process reader that a worker never pays).
     torch.set_num_threads(1)
-    store = tmp / "store.zarr"
-    encoding = Encoding(codec=args.codec)
-    prepare_synthetic(
-        str(store), args.samples, args.size, encoding=encoding, scheduler="sync", progress=False
-    )
+    store, unchecked = tmp / "store.zarr", tmp / "unchecked.zarr"
+    for path, checksum in ((store, True), (unchecked, False)):
+        encoding = Encoding(codec=args.codec, chunk_checksum=checksum)
+        prepare_synthetic(
+            str(path), args.samples, args.size, encoding=encoding, scheduler="sync", progress=False
+        )
     dataset = make_dataset(str(store))
     tiffs = tmp / "tiffs"
     tiffs.mkdir()
@@ -206,6 +206,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
     order = np.random.default_rng(0).permutation(args.samples)
     names = {
         "reader": f"reader (batches of {args.batch})",
+        "unchecked": "reader, no chunk checksums",
         "loader": "reader via 1-worker DataLoader",
         "raw": f"raw read + {args.codec} decode",
         "zarr": "zarr Array indexing",
@@ -214,6 +215,7 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
     measured = rates(
         {
             names["reader"]: batched(dataset, args.batch),
+            names["unchecked"]: batched(make_dataset(str(unchecked)), args.batch),
             names["loader"]: LoaderReader(dataset, order, args.batch),
             names["raw"]: raw_reader(store, args.size, args.codec),
             names["zarr"]: zarr_reader(store),
@@ -233,6 +235,10 @@ def throughput(args: argparse.Namespace, tmp: Path) -> None:
     def ratio(name: str, column: int) -> float:
         return float(np.median(measured[name][:, column] / reader[:, column]))
 
+    print(
+        f"chunk checksum cost, reader CPU time with / without: {ratio(names['unchecked'], 1):5.3f}"
+        " (goal <= 1.03)"
+    )
     print(
         f"DataLoader / in-process reader, wall: {ratio(names['loader'], 0):5.2f} (goal >= 0.90)"
         f"; CPU: {ratio(names['loader'], 1):5.2f}"

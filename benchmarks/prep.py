@@ -10,6 +10,9 @@ Measured side by side in one run, each in its own process, interleaved ``--repea
 - ``before``: the code at commit ``--baseline`` (default 8a8ca8f), extracted with ``git archive``
   to a temporary folder (kept out of the tree);
 - ``now``: this tree's ``src``;
+- ``now, no chunk checksums``: this tree writing stores without the crc32c codec in the chunk
+  chain (as before chunk checksums): the checksum's cost is ``now`` / this in CPU time
+  (goal: <= 3% of prep's CPU time); ``--checksum-only`` runs just these two;
 - ``bound``: only decoding the same source bytes (every band GeoTIFF, already in memory, read
   with this tree's GDAL settings) and encoding the same output (every 534 px tile chunk with the
   store's blosc codec, one blosc thread as the prep workers), no other work.
@@ -21,7 +24,7 @@ each path (before and now) gives the share of time per stage, and 1 vs 2 dask wo
 (``LocalCluster``, 1 thread per worker, started and warmed up by a first pass before timing)
 gives the scaling.
 Usage:
-``python benchmarks/prep.py [--cells 6] [--repeat 3]``.
+``python benchmarks/prep.py [--cells 6] [--repeat 3] [--checksum-only]``.
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ RUN = textwrap.dedent(
     import cProfile, json, os, sys, time
     from terrafm_lightning.prep.sources import geotiff, majortom
     from terrafm_lightning.store.format import Encoding
-    path, source, out, profile = sys.argv[1:5]
-    options = dict(scheduler="sync", progress=False, encoding=Encoding(samples_per_shard=4))
+    path, source, out, profile, checksum = sys.argv[1:6]
+    extra = {} if checksum == "1" else {"chunk_checksum": False}
+    encoding = Encoding(samples_per_shard=4, **extra)
+    options = dict(scheduler="sync", progress=False, encoding=encoding)
     if path == "majortom":
         job = lambda o: majortom.prepare_majortom(json.loads(source), o, 534, 1068, **options)
     else:
@@ -219,6 +224,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per variant")
     parser.add_argument("--baseline", default="8a8ca8f", help="commit of 'before'")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 workers run")
+    parser.add_argument(
+        "--checksum-only", action="store_true", help="only now vs now without chunk checksums"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from tests.generators import majortom as fixture
@@ -240,32 +248,50 @@ def main() -> None:
             check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-        sources = {"before": old / "src", "now": REPO / "src"}
+        sources = {"before": (old / "src", "1"), "now": (REPO / "src", "1")}
+        sources["unchecked"] = (REPO / "src", "0")
+        if args.checksum_only:
+            del sources["before"]
         inputs = {"majortom": json.dumps(roots), "geotiff": str(geo)}
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         for r in range(args.repeat):
             for path, source in inputs.items():
-                for variant, src in sources.items():
+                for variant, (src, checksum) in sources.items():
                     out = str(tmp / f"{path}_{variant}_{r}.zarr")
                     results.setdefault((path, variant), []).append(
-                        run(RUN, src, path, source, out, "-")
+                        run(RUN, src, path, source, out, "-", checksum)
                     )
+                if args.checksum_only:
+                    continue
                 store = str(tmp / f"{path}_now_{r}.zarr")
                 results.setdefault((path, "bound"), []).append(
                     run(BOUND, REPO / "src", path, source, store)
                 )
         shares = {}
         for path, source in inputs.items():
-            for variant, src in sources.items():
+            for variant in () if args.checksum_only else ("before", "now"):
+                src, checksum = sources[variant]
                 dump = str(tmp / f"{path}_{variant}.prof")
-                run(RUN, src, path, source, str(tmp / f"{path}_{variant}_p.zarr"), dump)
+                out = str(tmp / f"{path}_{variant}_p.zarr")
+                run(RUN, src, path, source, out, dump, checksum)
                 shares[path, variant] = stage_shares(dump)
-        rates = None if args.no_scaling else scaling(roots, geo, tmp)
+        skip_scaling = args.no_scaling or args.checksum_only
+        rates = None if skip_scaling else scaling(roots, geo, tmp)
     print(
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; rates are "
         f"medians of {args.repeat} interleaved runs of one process (wall, then CPU time)"
     )
     for path in inputs:
+        cost = statistics.median(
+            now["cpu"] / now["tiles"] / (unchecked["cpu"] / unchecked["tiles"])
+            for now, unchecked in zip(results[path, "now"], results[path, "unchecked"], strict=True)
+        )
+        print(
+            f"{path:8s} chunk checksum cost, prep CPU time per tile with / without: "
+            f"{cost:.3f} (goal <= 1.03)"
+        )
+        if args.checksum_only:
+            continue
         rate = {
             v: statistics.median(r["tiles"] / r["wall"] for r in results[path, v])
             for v in ("before", "now", "bound")

@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 import torch.multiprocessing  # noqa: F401 - registers torch's shared-memory reductions
 
-from terrafm_lightning.data.reader import StoreTileDataset
+from terrafm_lightning.data.dataset import StoreTileDataset
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler
 from terrafm_lightning.modalities import MODALITIES
 

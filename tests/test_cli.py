@@ -30,10 +30,11 @@ from terrafm_lightning.ssl.probe import TeacherLinearProbe
 from terrafm_lightning.store.format import open_store
 from tests.conftest import free_port, s3_options
 from tests.generators.benchmarks import write_eurosat
+from tests.generators.configs import TINY, tiny_config
+from tests.generators.configs import one_line_error as _one_line_error
 from tests.generators.stores import make_synthetic_store
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "experiments" / "pretrain_tiny_cpu.yaml"
 PROBE = ROOT / "experiments" / "probe_linear_eurosat.yaml"
 TERRAFM = str(Path(sys.executable).with_name("terrafm"))
 """The console script installed beside this Python (``pip install -e .``)."""
@@ -47,23 +48,6 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_store(tmp_path_factory.mktemp("store") / "tiny.zarr", 32, 64)
-
-
-def tiny_config(
-    store: Path | str, out: Path, data: dict[str, Any] | None = None, **trainer: Any
-) -> Path:
-    """The tiny experiment config with its outputs under ``out`` and no progress bar."""
-    config = yaml.safe_load(TINY.read_text())
-    config["data"]["init_args"].update(path=str(store), **(data or {}))
-    config["trainer"].update(
-        default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, **trainer
-    )
-    for logger in config["trainer"]["logger"]:
-        logger["init_args"]["save_dir"] = str(out)
-    path = out / "config.yaml"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def metric_rows(out: Path) -> list[dict[str, str]]:
@@ -364,17 +348,6 @@ def test_probe_runs_land_in_the_run_folders(tmp_path: Path) -> None:
     run = out / "runs" / "version_0"
     assert (run / "metrics.csv").is_file() and list(run.glob("events.out.tfevents.*"))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch=0-step=1.ckpt"]
-
-
-def _one_line_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err[-2000:]
-    assert "Traceback" not in err and "usage:" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if line.startswith("terrafm: error:")]
-    assert len(errors) == 1, err[-2000:]
-    return errors[0]
 
 
 def test_user_mistakes_print_one_line(trained, store: Path, tmp_path: Path, capsys) -> None:

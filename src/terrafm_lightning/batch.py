@@ -51,8 +51,9 @@ class EncodedTileBatch(TileMetadata):
     """What CPU workers yield when the tiles are decoded on the device (GPU decode path).
 
     Per selected modality the compressed whole-tile chunks of the batch, concatenated; rows
-    without a chunk (absent modality, or never written) have zero length. The reader's
-    ``decode_encoded`` turns it into a :class:`TileBatch` on the device.
+    without a chunk (absent modality, or never written) have zero length. An
+    :class:`~terrafm_lightning.data.dataset.EncodedBatchDecoder` turns it into a
+    :class:`TileBatch` on the device.
     """
 
     chunks: dict[str, Tensor]

@@ -11,10 +11,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import TileReadError
 from terrafm_lightning.data.sampler import worldcover_tile_weights
 from terrafm_lightning.modalities import BANDS, MODALITIES
-from terrafm_lightning.store.format import StoreError, open_store
+from terrafm_lightning.prep.cli import main as prep_main
+from terrafm_lightning.store.format import StoreError, TileReadError, open_store
+from tests.generators.configs import one_line_error, tiny_config
 from tests.generators.stores import make_synthetic_store
 
 SMALL_CROPS = {"global_crop_size": 32, "local_crop_size": 16, "n_local_crops": 2}
@@ -197,3 +198,26 @@ def test_lightning_checkpoint_resumes_mid_epoch_exactly(tmp_path: Path, store: P
     resumed = _records(part)
     assert [r["index"] for r in resumed] == [r["index"] for r in reference[3:]]
     assert [r["epoch"] for r in resumed] == [r["epoch"] for r in reference[3:]]
+
+
+def test_runs_that_cannot_train_say_so_in_one_line(
+    tmp_path: Path, store: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Through ``terrafm fit``: a batch larger than a rank's epoch, and an empty store."""
+    config = str(tiny_config(store, tmp_path / "run", max_epochs=1))
+    # The recipe draws 48 samples per epoch; a batch of 64 would train nothing.
+    line = one_line_error(["fit", "--config", config, "--data.init_args.batch_size", "64"], capsys)
+    assert line == (
+        f"terrafm: error: store {store}: batch_size 64 is larger than the 48 training samples "
+        "per rank (48 over 1 rank), so no batch would train: lower --data.init_args.batch_size "
+        "to at most 48 or raise --data.init_args.samples_per_epoch"
+    )
+    assert not list((tmp_path / "run").glob("runs/*/checkpoints/*.ckpt"))
+    empty = tmp_path / "empty.zarr"
+    args = ["synthetic", str(empty), "--samples", "0", "--scheduler", "sync", "--no-progress"]
+    assert prep_main(args) == 0
+    line = one_line_error(["fit", "--config", config, "--data.init_args.path", str(empty)], capsys)
+    assert line == (
+        f"terrafm: error: store {empty} has no samples (it was created with 0 tiles): write "
+        "tiles into it with terrafm-data, or choose another store"
+    )

@@ -18,17 +18,14 @@ import torch.multiprocessing  # noqa: F401 - registers the shared-memory tensor 
 import zarr
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import BufferPool, SampleMetadata, StoreTileDataset
+from terrafm_lightning.data.dataset import StoreTileDataset
+from terrafm_lightning.data.shared_buffers import BufferPool
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.prep.cli import main as prep_main
-from terrafm_lightning.store.codecs import (
-    HostChunkDecoder,
-    _zstd_content_size,
-    chunk_layout,
-    compressor,
-    device_decoder,
-)
+from terrafm_lightning.store.codecs import _zstd_content_size, compressors
+from terrafm_lightning.store.device_decoding import HostChunkDecoder, device_decoder
 from terrafm_lightning.store.format import open_store
+from terrafm_lightning.store.sharding import chunk_layout
 from tests.generators.stores import make_synthetic_store
 
 SMALL_CROPS = {"global_crop_size": 32, "local_crop_size": 16, "n_local_crops": 1}
@@ -52,13 +49,8 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return path
 
 
-def _dataset(path: Path, modalities: tuple[str, ...] = MODALITIES) -> StoreTileDataset:
-    meta = SampleMetadata(open_store(str(path)))
-    samples = np.arange(len(meta.written))
-    available = meta.selected(modalities, 1.0)
-    return StoreTileDataset(
-        str(path), samples, available, meta.worldcover_hist, meta.dominant_class, modalities, 0.5
-    )
+def _dataset(path: Path, encoded: bool = False) -> StoreTileDataset:
+    return StoreTileDataset.from_store(str(path), encoded=encoded)
 
 
 def test_batches_equal_zarr_reads_with_nodata_rules(store: Path) -> None:
@@ -88,11 +80,11 @@ def test_device_flow_decodes_the_same_tiles(store: Path) -> None:
     dataset = _dataset(store)
     positions = [2, 5, 5, 11, 0, 7]
     cpu = dataset.__getitems__(positions)
-    dataset.encoded = True
-    encoded = dataset.__getitems__(positions)
+    encoded_dataset = _dataset(store, encoded=True)
+    encoded = encoded_dataset.__getitems__(positions)
     assert set(encoded) >= {"chunks", "chunk_offsets"} and "s1" not in encoded
     assert encoded["chunks"]["s2_l2a"].dtype == torch.uint8
-    device = dataset.decode_encoded(encoded, HostChunkDecoder())
+    device = encoded_dataset.batch_decoder(HostChunkDecoder()).decode(encoded)
     assert set(device) == set(cpu)
     for key, value in cpu.items():
         assert device[key].dtype == value.dtype, key
@@ -114,8 +106,8 @@ def test_unwritten_chunk_reads_as_absent_on_both_paths(tmp_path: Path, store: Pa
     cpu = dataset.__getitems__([6, 4])
     assert not cpu["available"][0, 0] and (cpu["s1"][0] == 0).all()
     assert cpu["available"][1, 0]
-    dataset.encoded = True
-    device = dataset.decode_encoded(dataset.__getitems__([6, 4]), HostChunkDecoder())
+    encoded = _dataset(path, encoded=True)
+    device = encoded.batch_decoder(HostChunkDecoder()).decode(encoded.__getitems__([6, 4]))
     torch.testing.assert_close(device["s1"], cpu["s1"], rtol=0, atol=0)
     assert device["available"].tolist() == cpu["available"].tolist()
 
@@ -162,7 +154,7 @@ def test_zstd_codec_layout_and_frame_sizes(store: Path) -> None:
         frame = numcodecs.Zstd(level=1).encode(np.zeros(size, np.uint8))
         assert _zstd_content_size(memoryview(frame)) == size
     with pytest.raises(ValueError, match="unknown codec 'lz4'"):
-        compressor("lz4", 1)
+        compressors("lz4", 1)
     plain = zarr.create_array(zarr.storage.MemoryStore(), shape=(4, 4), dtype="u2")
     with pytest.raises(ValueError, match="expected one sharding codec"):
         chunk_layout(plain)

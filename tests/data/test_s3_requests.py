@@ -17,7 +17,7 @@ from moto.server import DomainDispatcherApplication, create_backend_app
 from torch.utils.data import DataLoader
 from werkzeug.serving import make_server
 
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
+from terrafm_lightning.data.dataset import SampleMetadata, StoreTileDataset, collate_tile_batch
 from terrafm_lightning.modalities import MODALITIES
 from terrafm_lightning.store.format import open_store
 from tests.conftest import create_bucket, free_port, s3_options

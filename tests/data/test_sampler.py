@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
+from tests.conftest import free_port
 
 
 def _weights(n: int = 50) -> np.ndarray:
@@ -111,23 +114,64 @@ def test_batches_mix_many_chunks() -> None:
     assert np.mean(chunks_per_batch) > 25
 
 
-def test_is_a_distributed_sampler_so_lightning_keeps_it() -> None:
-    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+class _IndexRecorder(pl.LightningModule):
+    """Records the sample indices of every training batch and the loader's sampler."""
 
-    sampler = WorldCoverWeightedSampler(_weights(), num_replicas=2, rank=1)
-    assert isinstance(sampler, DistributedSampler)
-    loader = torch.utils.data.DataLoader(range(50), sampler=sampler, batch_size=4)
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(1, 1)
+        self.seen: list[int] = []
 
-    class _Connector:  # the attributes _requires_distributed_sampler reads
-        use_distributed_sampler = True
-        is_distributed = True
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen += batch[0].tolist()
+        return self.layer(batch[0].float().view(-1, 1)).sum()
 
-    class _Trainer:
-        _accelerator_connector = _Connector()
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
 
-    connector = _DataConnector.__new__(_DataConnector)
-    connector.trainer = _Trainer()
-    assert not connector._requires_distributed_sampler(loader)
+
+def _trainer_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    # What a launcher (torchrun, SLURM) sets: Lightning joins the group instead of spawning.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    # Ranks given explicitly, as TerraFMDataModule does from the trainer (no group exists yet).
+    sampler = WorldCoverWeightedSampler(_weights(), 48, num_replicas=world, rank=rank, seed=3)
+    dataset = torch.utils.data.TensorDataset(torch.arange(50))
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=4)
+    model = _IndexRecorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=world,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    kept = trainer.train_dataloader.sampler
+    result = {"kept": kept is sampler, "seen": model.seen, "share": list(sampler)}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+@pytest.mark.slow
+def test_is_a_distributed_sampler_so_lightning_keeps_it(tmp_path: Path) -> None:
+    """Under a real 2-rank DDP Trainer, Lightning trains on the sampler as given (not wrapped)."""
+    mp.spawn(_trainer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reference = WorldCoverWeightedSampler(_weights(), samples_per_epoch=48, seed=3)
+    stream = reference.stream(0)
+    for rank, result in enumerate(results):
+        assert result["kept"]
+        assert result["seen"] == result["share"] == stream[rank::2].tolist()
+    assert isinstance(reference, DistributedSampler)
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -21,14 +21,20 @@ def make_synthetic_store(
     seed: int = 0,
     samples_per_shard: int = 4,
     codec: str = "blosc",
+    chunk_checksum: bool = True,
 ) -> Path:
-    """Write a small synthetic store in-process (no dask; ~20 ms per 64 px tile) and return it."""
+    """Write a small synthetic store in-process (no dask; ~20 ms per 64 px tile) and return it.
+
+    ``chunk_checksum=False`` writes it as stores were written before chunk checksums.
+    """
     prepare_synthetic(
         str(path),
         n_samples,
         tile_size,
         seed,
-        encoding=Encoding(samples_per_shard=samples_per_shard, codec=codec),
+        encoding=Encoding(
+            samples_per_shard=samples_per_shard, codec=codec, chunk_checksum=chunk_checksum
+        ),
         overwrite=True,
         scheduler="sync",
         progress=False,

@@ -8,16 +8,16 @@ from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.passes.stats import compute_stats
 from terrafm_lightning.prep.sources.synthetic import synthetic_scene
 from terrafm_lightning.store import format as st
-from terrafm_lightning.store.codecs import (
-    EMPTY_CHUNK,
-    chunk_layout,
-    every_tile_holds_data,
-    write_samples,
-)
 from terrafm_lightning.store.records import (
     worldcover_summary,
     write_rows,
     write_sample,
+)
+from terrafm_lightning.store.sharding import (
+    EMPTY_CHUNK,
+    chunk_layout,
+    every_tile_holds_data,
+    write_samples,
 )
 from terrafm_lightning.store.validate import validate_store
 
@@ -97,7 +97,7 @@ def test_write_rows_stores_what_zarr_default_write_stores(tmp_path, dtype, fill)
                 shards=(4, 3, 16, 16),
                 dtype=dtype,
                 fill_value=fill,
-                compressors=st.Encoding().compressor(),
+                compressors=st.Encoding().compressors(),
             )
             for name in ("default", "ours")
         ]
@@ -123,7 +123,7 @@ def _pixel_arrays(root, names, dtype, fill, codec):
             shards=(4, 3, 16, 16),
             dtype=dtype,
             fill_value=fill,
-            compressors=st.Encoding(codec=codec).compressor(),
+            compressors=st.Encoding(codec=codec).compressors(),
         )
         for name in names
     ]

@@ -21,21 +21,71 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
+from terrafm_lightning.data.dataset import (
+    EncodedBatchDecoder,
+    SampleMetadata,
+    StoreTileDataset,
+    collate_tile_batch,
+)
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
-from terrafm_lightning.data.reader import SampleMetadata, StoreTileDataset, collate_tile_batch
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
 from terrafm_lightning.modalities import MODALITIES, check_modality
-from terrafm_lightning.store.codecs import DeviceDecoder, device_decoder
+from terrafm_lightning.store.device_decoding import DeviceDecoder, device_decoder
 from terrafm_lightning.store.format import StoreError, open_store
+from terrafm_lightning.store.schema import WRITTEN
+from terrafm_lightning.store.sharding import chunk_layout
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictionSource:
+    """What ``terrafm predict`` reads: the store and its usable samples, in store order.
+
+    Attributes:
+        path: store path or URL.
+        storage_options: fsspec options of the store.
+        source_digest: the store's ``source_digest`` attribute (what it was made from; "" if none).
+        samples: store sample indices of every usable written tile.
+    """
+
+    path: str
+    storage_options: dict[str, Any]
+    source_digest: str
+    samples: np.ndarray
+
+
+@dataclass(frozen=True)
+class PredictionPlan:
+    """Which samples a prediction run reads and how they are split over ranks.
+
+    Attributes:
+        skip: store sample indices already done (a resumed run leaves them out).
+        sampler: builds the predict sampler from the store sample indices left (None: in order).
+    """
+
+    skip: frozenset[int] = frozenset()
+    sampler: Callable[[np.ndarray], Sampler] | None = None
+
+
+@runtime_checkable
+class PredictionPlanner(Protocol):
+    """A callback that decides what :meth:`TerraFMDataModule.predict_dataloader` reads.
+
+    The datamodule asks the trainer's first callback with this method (``EmbeddingWriter``)
+    when Lightning builds the predict loader, after the checkpoint's weights are loaded.
+    """
+
+    def plan_prediction(self, trainer: Any, source: PredictionSource) -> PredictionPlan:
+        """The plan for predicting ``source`` under ``trainer``."""
 
 
 class ResumableDataLoader(DataLoader):
@@ -141,19 +191,18 @@ class TerraFMDataModule(LightningDataModule):
         self._progress = {"epoch": 0, "position": 0}
         self._resume: dict[str, Any] | None = None
         self.predict_dataset: StoreTileDataset | None = None
-        self.predict_exclude: set[int] = set()
-        self.predict_sampler: Callable[[np.ndarray], Sampler] | None = None
+        self.batch_decoder: EncodedBatchDecoder | None = None
+        self._source_digest = ""
         self._kept: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __str__(self) -> str:
         """Class and store path; unlike Lightning's default, builds no dataloader (no I/O)."""
         return f"{type(self).__name__}(path={self.hparams.path!r})"
 
-    def _read_store_attributes(self) -> None:
+    def _read_store_attributes(self, attrs: dict[str, Any]) -> None:
         """Modalities, classes, frequencies and statistics from the store's root attributes."""
         hp = self.hparams
-        # Root attributes only; the pixel arrays are opened by each worker.
-        attrs = open_store(hp.path, storage_options=hp.storage_options).attrs.asdict()
+        self._source_digest = str(attrs.get("source_digest", ""))
         stored = list(attrs["modalities"])
         wanted = [check_modality(m) for m in (hp.modalities or stored)]
         if missing := [m for m in wanted if m not in stored]:
@@ -162,11 +211,6 @@ class TerraFMDataModule(LightningDataModule):
         self.classes = [int(c) for c in attrs["worldcover_classes"]]
         frequencies = attrs.get("class_frequencies") or {}
         self._class_frequencies = {int(c): float(f) for c, f in frequencies.items()}
-        if hp.tau > 0 and not self._class_frequencies:
-            raise StoreError(
-                f"store {hp.path} has no WorldCover class_frequencies (run `terrafm-data "
-                "worldcover`); use tau=0 for uniform sampling"
-            )
         store_stats = (attrs.get("stats") or {}) if hp.normalisation == "store" else {}
         self.multicrop = MultiCrop(
             modalities=self.modalities,
@@ -204,9 +248,15 @@ class TerraFMDataModule(LightningDataModule):
         """
         if self.train_dataset is not None:
             return
-        self._read_store_attributes()
         hp = self.hparams
-        meta = SampleMetadata(open_store(hp.path, storage_options=hp.storage_options))
+        root = open_store(hp.path, storage_options=hp.storage_options)
+        if root[WRITTEN].shape[0] == 0:
+            raise StoreError(
+                f"store {hp.path} has no samples (it was created with 0 tiles): write tiles into "
+                "it with terrafm-data, or choose another store"
+            )
+        self._read_store_attributes(root.attrs.asdict())
+        meta = SampleMetadata(root)
         available = meta.selected(self.modalities, hp.nodata_threshold)
         keep = meta.written & available.any(axis=1)
         samples = np.flatnonzero(keep)
@@ -225,16 +275,28 @@ class TerraFMDataModule(LightningDataModule):
             )
         if len(samples) == 0:
             raise StoreError(f"store {hp.path} has no usable sample")
+        if hp.tau > 0 and not self._class_frequencies:
+            raise StoreError(
+                f"store {hp.path} has no WorldCover class_frequencies (run `terrafm-data "
+                "worldcover`); use tau=0 for uniform sampling"
+            )
         self._kept = (
             samples,
             available[samples],
             meta.worldcover_hist[samples],
             meta.dominant_class[samples],
         )
+        decoder = self.device_decoder or self._auto_decoder(root)
+        self.batch_decoder = None
         order = np.random.default_rng(hp.seed).permutation(len(samples))
         n_val = int(round(hp.val_fraction * len(samples)))
-        self.train_dataset = self._subset(np.sort(order[n_val:]))
-        self.val_dataset = self._subset(np.sort(order[:n_val])) if n_val else None
+        self.train_dataset = self._subset(np.sort(order[n_val:]), encoded=decoder is not None)
+        self.val_dataset = (
+            self._subset(np.sort(order[:n_val]), encoded=decoder is not None) if n_val else None
+        )
+        if decoder is not None:
+            # Every stage's dataset reads the same arrays with the same nodata threshold.
+            self.batch_decoder = self.train_dataset.batch_decoder(decoder)
         frequencies = [self._class_frequencies.get(c, 0.0) for c in self.classes]
         hist = self.train_dataset.worldcover_hist
         self.train_weights = (
@@ -242,12 +304,12 @@ class TerraFMDataModule(LightningDataModule):
         )
 
     device_decoder: DeviceDecoder | None = None
-    """Decoder of the device-decode path; None: nvCOMP when the store codec, CUDA and the
-    library allow it (see :func:`~terrafm_lightning.store.codecs.device_decoder`), else the
-    workers decode on the CPU. Set it to force a backend (tests use the CPU one)."""
-    _decoder: DeviceDecoder | None = None
+    """Decoder of the device-decode path, read by ``setup``; None: nvCOMP when the store codec,
+    CUDA and the library allow it (see
+    :func:`~terrafm_lightning.store.device_decoding.device_decoder`), else the workers decode on
+    the CPU. Set it before ``setup`` to force a backend (tests use the CPU one)."""
 
-    def _subset(self, rows: np.ndarray) -> StoreTileDataset:
+    def _subset(self, rows: np.ndarray, encoded: bool) -> StoreTileDataset:
         """Dataset of the usable samples at positions ``rows`` (see ``setup``)."""
         samples, available, hist, dominant = self._kept
         hp = self.hparams
@@ -260,6 +322,7 @@ class TerraFMDataModule(LightningDataModule):
             self.modalities,
             hp.nodata_threshold,
             hp.storage_options,
+            encoded=encoded,
         )
 
     def _loader(
@@ -271,8 +334,6 @@ class TerraFMDataModule(LightningDataModule):
     ) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers > 0
-        self._decoder = self.device_decoder or self._auto_decoder(dataset)
-        dataset.encoded = self._decoder is not None
         return cls(
             dataset,
             batch_size=batch_size,
@@ -285,11 +346,11 @@ class TerraFMDataModule(LightningDataModule):
             **kw,
         )
 
-    def _auto_decoder(self, dataset: StoreTileDataset) -> DeviceDecoder | None:
+    def _auto_decoder(self, root: Any) -> DeviceDecoder | None:
         trainer = self.trainer
         if trainer is None or trainer.strategy.root_device.type != "cuda":
             return None
-        codecs = dataset.codecs
+        codecs = {chunk_layout(root[m]).codec for m in self.modalities}
         if len(codecs) != 1:
             return None
         return device_decoder(codecs.pop(), trainer.strategy.root_device)
@@ -309,6 +370,16 @@ class TerraFMDataModule(LightningDataModule):
         if self._resume is not None:
             self.sampler.load_state_dict(self._resume)
             self._resume = None
+        batch_size = self.hparams.batch_size
+        if len(self.sampler) < batch_size:
+            ranks = self.sampler.num_replicas
+            raise StoreError(
+                f"store {self.hparams.path}: batch_size {batch_size} is larger than the "
+                f"{len(self.sampler)} training samples per rank ({self.sampler.total_size} over "
+                f"{ranks} rank{'s' * (ranks > 1)}), so no batch would train: lower "
+                f"--data.init_args.batch_size to at most {len(self.sampler)} or raise "
+                "--data.init_args.samples_per_epoch"
+            )
         loader = self._loader(
             self.train_dataset,
             self.hparams.batch_size,
@@ -335,24 +406,42 @@ class TerraFMDataModule(LightningDataModule):
         """Move the (pinned) batch; compressed chunks are decoded on ``device`` after the copy."""
         batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if isinstance(batch, dict) and "chunks" in batch:
-            # Train and validation datasets read the same arrays: either decodes.
-            batch = self.train_dataset.decode_encoded(batch, self._decoder)
+            batch = self.batch_decoder.decode(batch)
         return batch
 
-    def predict_dataloader(self) -> DataLoader:
-        """Every usable written tile in store order, except the samples in ``predict_exclude``.
-
-        ``predict_exclude`` holds store sample indices already embedded and
-        ``predict_sampler`` builds the sampler from the loader's store sample indices; both are
-        set by ``EmbeddingWriter`` (resume, one output chunk per rank) before Lightning builds
-        this loader.
-        """
+    def predict_source(self) -> PredictionSource:
+        """The store and usable samples that ``predict_dataloader`` reads (after ``setup``)."""
         if self.train_dataset is None:
             self.setup("predict")
+        hp = self.hparams
         samples = self._kept[0]
-        rows = np.flatnonzero(~np.isin(samples, sorted(self.predict_exclude)))
-        self.predict_dataset = self._subset(rows)
-        sampler = self.predict_sampler(samples[rows]) if self.predict_sampler else None
+        return PredictionSource(
+            hp.path, dict(hp.storage_options or {}), self._source_digest, samples
+        )
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every usable written tile in store order, as the trainer's writer plans it.
+
+        Under a Trainer, the first callback that is a :class:`PredictionPlanner`
+        (``EmbeddingWriter``) says which samples are already done (resume) and how ranks split
+        the rest. Predictions of this datamodule exist to be written: a Trainer without such a
+        callback is refused (they would be computed and dropped).
+        """
+        source = self.predict_source()
+        plan = PredictionPlan()
+        if self.trainer is not None:
+            planners = [c for c in self.trainer.callbacks if isinstance(c, PredictionPlanner)]
+            if not planners:
+                raise StoreError(
+                    "predict with TerraFMDataModule writes embeddings through an EmbeddingWriter, "
+                    "and none is configured: add --trainer.callbacks+=EmbeddingWriter "
+                    "--trainer.callbacks.output=embeddings.zarr (or an EmbeddingWriter in the "
+                    "config's trainer.callbacks)"
+                )
+            plan = planners[0].plan_prediction(self.trainer, source)
+        rows = np.flatnonzero(~np.isin(source.samples, sorted(plan.skip)))
+        self.predict_dataset = self._subset(rows, encoded=self.batch_decoder is not None)
+        sampler = plan.sampler(source.samples[rows]) if plan.sampler else None
         return self._loader(
             self.predict_dataset,
             self.hparams.val_batch_size or self.hparams.batch_size,

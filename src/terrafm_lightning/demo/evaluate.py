@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import StoreTileDataset, collate_tile_batch
+from terrafm_lightning.data.dataset import StoreTileDataset, collate_tile_batch
 from terrafm_lightning.eval.features import SplitFeatures, extract_features
 from terrafm_lightning.eval.knn import knn_scores, score_metrics
 from terrafm_lightning.modalities import MODALITIES

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from terrafm_lightning.cli import run_cli
 from terrafm_lightning.data.datamodule import TerraFMDataModule
-from terrafm_lightning.data.reader import collate_tile_batch
+from terrafm_lightning.data.dataset import collate_tile_batch
 from terrafm_lightning.demo import plots
 from terrafm_lightning.demo.evaluate import (
     VIEWS,

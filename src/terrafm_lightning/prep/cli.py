@@ -31,7 +31,7 @@ from terrafm_lightning.prep.sources.synthetic import GAIN_RANGE, S2_NOISE, prepa
 from terrafm_lightning.prep.units import UnitConversion
 from terrafm_lightning.store.format import StoreError
 from terrafm_lightning.store.schema import Encoding
-from terrafm_lightning.store.validate import validate_store
+from terrafm_lightning.store.validate import validate_store, validation_notes
 
 
 def _option_groups() -> dict[str, argparse.ArgumentParser]:
@@ -275,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("store", help="store path or URL")
     p.add_argument("--deep-samples", type=int, default=16, help="samples checked pixel-wise")
+    p.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every stored chunk, verify its checksum and decode it; list each damaged tile",
+    )
     return parser
 
 
@@ -375,9 +380,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{m}: mean {[round(v, 2) for v in s['mean']]}")
             print(f"{' ' * len(m)}  std  {[round(v, 2) for v in s['std']]}")
     else:
-        problems = validate_store(args.store, args.deep_samples, args.storage_options)
+        problems = validate_store(args.store, args.deep_samples, args.storage_options, args.deep)
         for problem in problems:
             print(f"problem: {problem}")
+        for note in validation_notes(args.store, args.storage_options):
+            print(f"note: {note}")
         print(f"{args.store}: {'valid' if not problems else f'{len(problems)} problems'}")
         return 1 if problems else 0
     if report is not None:

@@ -39,6 +39,10 @@ class StoreError(UserError):
     """A store is missing, unreachable or does not match the expected format."""
 
 
+class TileReadError(StoreError):
+    """A tile cannot be read, is damaged or has no usable modality (names store and sample)."""
+
+
 def _nodata_attr(value: float) -> float | None:
     return None if np.isnan(value) else value
 
@@ -98,7 +102,7 @@ def create_store(
             {
                 "chunks": (1, *spec.trailing),
                 "shards": (shard, *spec.trailing),
-                "compressors": encoding.compressor(),
+                "compressors": encoding.compressors(),
             }
             if spec.pixels
             else {"chunks": (chunk, *spec.trailing)}

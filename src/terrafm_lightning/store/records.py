@@ -15,7 +15,6 @@ import zarr
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_transform
 
-from terrafm_lightning.store.codecs import every_tile_holds_data, write_samples
 from terrafm_lightning.store.schema import (
     NAT,
     WORLDCOVER_CODES,
@@ -24,6 +23,7 @@ from terrafm_lightning.store.schema import (
     WRITTEN,
     nodata_mask,
 )
+from terrafm_lightning.store.sharding import every_tile_holds_data, write_samples
 
 
 @dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import zarr.codecs
 
 from terrafm_lightning.modalities import BANDS, MODALITIES, WORLDCOVER_CLASSES
-from terrafm_lightning.store.codecs import compressor
+from terrafm_lightning.store.codecs import compressors
 
 FORMAT_VERSION = 2
 """2: skip / drop bookkeeping as per-sample arrays and ``worldcover_coverage`` (1: ``skipped``
@@ -63,10 +63,13 @@ class Encoding:
     shuffle: str = "bitshuffle"
     codec: str = "blosc"
     """``"blosc"`` or ``"zstd"`` (GPU-decodable; see :mod:`terrafm_lightning.store.codecs`)."""
+    chunk_checksum: bool = True
+    """End every inner chunk with zarr's ``crc32c`` codec (off only to measure its cost or to
+    write a store as before checksums were added)."""
 
-    def compressor(self) -> zarr.abc.codec.BytesBytesCodec:
-        """The codec applied to every inner chunk of the pixel and WorldCover arrays."""
-        return compressor(self.codec, self.clevel, self.cname, self.shuffle)
+    def compressors(self) -> tuple[zarr.abc.codec.BytesBytesCodec, ...]:
+        """The codecs applied to every inner chunk of the pixel and WorldCover arrays."""
+        return compressors(self.codec, self.clevel, self.cname, self.shuffle, self.chunk_checksum)
 
 
 @dataclass(frozen=True)

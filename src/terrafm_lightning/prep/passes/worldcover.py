@@ -42,7 +42,6 @@ from terrafm_lightning.prep.driver import (
 )
 from terrafm_lightning.prep.errors import InputError
 from terrafm_lightning.prep.lock import store_lock
-from terrafm_lightning.store.codecs import write_samples
 from terrafm_lightning.store.format import consolidate, open_store, update_class_frequencies
 from terrafm_lightning.store.records import worldcover_record
 from terrafm_lightning.store.schema import (
@@ -52,6 +51,7 @@ from terrafm_lightning.store.schema import (
     WORLDCOVER_WRITTEN,
     WRITTEN,
 )
+from terrafm_lightning.store.sharding import write_samples
 
 WATER = WORLDCOVER_CODES.index(80)
 NO_MAP = 255
