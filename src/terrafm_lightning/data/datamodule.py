@@ -37,6 +37,7 @@ from terrafm_lightning.data.dataset import (
 )
 from terrafm_lightning.data.multicrop import DrawMode, MultiCrop
 from terrafm_lightning.data.sampler import WorldCoverWeightedSampler, worldcover_tile_weights
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import MODALITIES, check_modality
 from terrafm_lightning.store.device_decoding import DeviceDecoder, device_decoder
 from terrafm_lightning.store.format import StoreError, open_store
@@ -174,11 +175,11 @@ class TerraFMDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if worker_context not in ("spawn", "forkserver"):
-            raise ValueError(f"worker_context must be spawn or forkserver, got {worker_context!r}")
+            raise UserError(f"worker_context must be spawn or forkserver, got {worker_context!r}")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 <= nodata_threshold <= 1.0:
-            raise ValueError(f"nodata_threshold must be in [0, 1], got {nodata_threshold}")
+            raise UserError(f"nodata_threshold must be in [0, 1], got {nodata_threshold}")
         self.modalities: list[str] = []
         self.classes: list[int] = []
         self._class_frequencies: dict[int, float] | None = None

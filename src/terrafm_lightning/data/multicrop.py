@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from terrafm_lightning.batch import CropBatch, ModalityImages, TileView, require
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, check_modality
 
 DrawMode = Literal["all", "one", "subset"]
@@ -94,7 +95,7 @@ def draw_modalities(available: Tensor, mode: DrawMode, probability: float = 0.5)
             check is a device-side assertion, so it costs no synchronisation).
     """
     if mode not in ("all", "one", "subset"):
-        raise ValueError(f"unknown modality draw mode {mode!r}; expected all, one or subset")
+        raise UserError(f"unknown modality draw mode {mode!r}; expected all, one or subset")
     usable = available.any(dim=1)
     require(
         usable,
@@ -163,16 +164,16 @@ class MultiCrop(nn.Module):
         wanted = {check_modality(m) for m in modalities}
         self.modalities = tuple(m for m in MODALITIES if m in wanted)
         if not self.modalities:
-            raise ValueError("modalities must name at least one modality")
+            raise UserError("modalities must name at least one modality")
         if draw_mode not in ("all", "one", "subset"):
-            raise ValueError(f"unknown draw_mode {draw_mode!r}; expected all, one or subset")
+            raise UserError(f"unknown draw_mode {draw_mode!r}; expected all, one or subset")
         if not 0.0 < draw_probability <= 1.0:
-            raise ValueError(f"draw_probability must be in (0, 1], got {draw_probability}")
+            raise UserError(f"draw_probability must be in (0, 1], got {draw_probability}")
         if n_global < 1 or n_local < 0:
-            raise ValueError(f"need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
+            raise UserError(f"need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
         for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+                raise UserError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
         self.n_global, self.global_size, self.global_scale = n_global, global_size, global_scale
         self.n_local, self.local_size, self.local_scale = n_local, local_size, local_scale
         self.ratio, self.hflip, self.vflip = ratio, hflip, vflip
@@ -185,7 +186,7 @@ class MultiCrop(nn.Module):
             mean = torch.tensor(source["mean"], dtype=torch.float32)
             std = torch.tensor(source["std"], dtype=torch.float32)
             if mean.numel() != len(BANDS[m]) or std.numel() != len(BANDS[m]) or (std <= 0).any():
-                raise ValueError(f"{m}: need {len(BANDS[m])} means and positive stds")
+                raise UserError(f"{m}: need {len(BANDS[m])} means and positive stds")
             # z = (x - mean) / std as one multiply-add: z = x * scale + shift.
             self.register_buffer(f"scale_{m}", (1 / std).view(1, -1, 1, 1), persistent=False)
             self.register_buffer(f"shift_{m}", (-mean / std).view(1, -1, 1, 1), persistent=False)
@@ -203,7 +204,7 @@ class MultiCrop(nn.Module):
                 z = torch.addcmul(getattr(self, f"shift_{m}"), x, getattr(self, f"scale_{m}"))
                 out[m] = torch.where(x == 0, 0.0, z)
         if not out:
-            raise ValueError(f"batch holds none of the modalities {list(self.modalities)}")
+            raise UserError(f"batch holds none of the modalities {list(self.modalities)}")
         return out
 
     def _crops(

@@ -39,6 +39,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
+from terrafm_lightning.errors import UserError
+
 UNIFORM_CHUNK = 16384
 """Uniforms of one rank drawn per chunk (the chunk holds ``num_replicas`` times as many)."""
 SEARCH_CHUNK = 1 << 18
@@ -63,13 +65,13 @@ def worldcover_tile_weights(
     hist = np.asarray(histograms, dtype=np.float64)
     freq = np.asarray(class_frequencies, dtype=np.float64)
     if hist.ndim != 2 or hist.shape[1] != freq.shape[0]:
-        raise ValueError(
+        raise UserError(
             f"histograms of shape {hist.shape} do not match {freq.shape[0]} class frequencies"
         )
     if tau < 0:
-        raise ValueError(f"tau must be >= 0, got {tau}")
+        raise UserError(f"tau must be >= 0, got {tau}")
     if not np.isfinite(hist).all() or (hist < 0).any():
-        raise ValueError("WorldCover histograms must be finite and non-negative")
+        raise UserError("WorldCover histograms must be finite and non-negative")
     present = freq > 0
     class_weight = np.zeros_like(freq)
     class_weight[present] = freq[present] ** (-tau)
@@ -105,11 +107,11 @@ class WorldCoverWeightedSampler(DistributedSampler):
     ) -> None:
         probabilities = np.asarray(weights, dtype=np.float64)
         if probabilities.ndim != 1 or probabilities.size == 0:
-            raise ValueError("weights must be a non-empty 1-D sequence")
+            raise UserError("weights must be a non-empty 1-D sequence")
         if not np.isfinite(probabilities).all() or (probabilities < 0).any():
-            raise ValueError("weights must be finite and non-negative")
+            raise UserError("weights must be finite and non-negative")
         if probabilities.sum() <= 0:
-            raise ValueError("at least one weight must be positive")
+            raise UserError("at least one weight must be positive")
         distributed = dist.is_available() and dist.is_initialized()
         if num_replicas is None:
             num_replicas = dist.get_world_size() if distributed else 1
@@ -117,7 +119,7 @@ class WorldCoverWeightedSampler(DistributedSampler):
             rank = dist.get_rank() if distributed else 0
         total = probabilities.size if samples_per_epoch is None else samples_per_epoch
         if total <= 0:
-            raise ValueError(f"samples_per_epoch must be positive, got {total}")
+            raise UserError(f"samples_per_epoch must be positive, got {total}")
         # DistributedSampler's own bookkeeping (num_samples, total_size) is replaced below.
         super().__init__(range(probabilities.size), num_replicas=num_replicas, rank=rank, seed=seed)
         self.probabilities = probabilities / probabilities.sum()
@@ -233,7 +235,7 @@ class WorldCoverWeightedSampler(DistributedSampler):
             if key in state and state[key] != getattr(self, key)
         }
         if mismatched:
-            raise ValueError(
+            raise UserError(
                 "cannot resume the sampler: saved vs current settings differ: "
                 + ", ".join(f"{k}={saved} vs {now}" for k, (saved, now) in mismatched.items())
             )
