@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from terrafm_lightning.eval.band_mapping import canonical_band, map_bands
+from terrafm_lightning.bands import canonical_band, map_bands
 from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS, SSL4EO_STATS
 
 
