@@ -4,7 +4,7 @@
 datamodule of the package; YAML names them by short class name (``class_path:
 TerraFMPretrainModule``). ``terrafm export-backbone --ckpt X --out Y [--student] [--released |
 --torchgeo [TASK]]`` writes a pretraining checkpoint's backbone (see
-:mod:`terrafm_lightning.ssl.checkpoint`; torchgeo's layout: :mod:`terrafm_lightning.models.torchgeo`).
+:mod:`terrafm_lightning.ssl.checkpoint`; torchgeo's: :mod:`terrafm_lightning.models.torchgeo`).
 
 User mistakes (a config key typo, a missing file, store or checkpoint, a checkpoint of another
 model, an unreachable S3 endpoint) end with one ``terrafm: error: ...`` line naming the thing
