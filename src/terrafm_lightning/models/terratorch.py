@@ -1,4 +1,4 @@
-"""TerraFM backbones in terratorch's backbone registry (``pip install terrafm-lightning[terratorch]``).
+"""TerraFM backbones in terratorch's backbone registry (extra ``terrafm-lightning[terratorch]``).
 
 Importing this module registers ``terrafm_tiny``, ``terrafm_small``, ``terrafm_base`` and
 ``terrafm_large`` in ``terratorch.registry.TERRATORCH_BACKBONE_REGISTRY`` (terratorch's own
