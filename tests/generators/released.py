@@ -1,0 +1,32 @@
+"""A synthetic released-layout checkpoint (``TerraFM-*.pth`` key layout) at TerraFM-Ti width.
+
+The key names and shapes are those of the release's manifest
+(``shared/reference/terrafm_checkpoint_keys.json``, TerraFM-B) with every width scaled from
+TerraFM-B's to TerraFM-Ti's (768 -> 192, stem 2304 -> 576, MLP 3072 -> 768); the values are
+seeded random. Like the release, it has no fusion tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE_TO_TINY = {768: 192, 2304: 576, 3072: 768}
+
+
+def released_tiny_state(manifest: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The TerraFM-Ti state dict in the released layout, from the release's key manifest."""
+    base = json.loads(manifest.read_text())["terrafm_base"]
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        key: torch.randn([BASE_TO_TINY.get(n, n) for n in shape], generator=generator) * 0.02
+        for key, shape in base.items()
+    }
+
+
+def write_released_tiny(manifest: Path, out: Path, seed: int = 0) -> Path:
+    """Write :func:`released_tiny_state` to ``out`` with ``torch.save``."""
+    torch.save(released_tiny_state(manifest, seed), out)
+    return out
