@@ -50,7 +50,8 @@ def test_data_config_is_the_default_modality_not_imagenet():
     rgb = resolve_model_data_config(create(bands=["B04", "B03", "B02"]))
     assert rgb["mean"] == tuple(SSL4EO_STATS["s2_l2a"]["mean"][i] for i in (3, 2, 1))
     cfg = create().pretrained_cfg
-    assert cfg["modalities"]["s1"]["bands"] == ["VV", "VH"] and cfg["bands"] == list(BANDS["s2_l2a"])
+    assert cfg["modalities"]["s1"]["bands"] == ["VV", "VH"]
+    assert cfg["bands"] == list(BANDS["s2_l2a"])
 
 
 def test_forward_intermediates_keywords():
