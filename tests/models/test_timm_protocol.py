@@ -11,7 +11,7 @@ from terrafm_lightning.bands import CHANNEL_TABLE
 from terrafm_lightning.modalities import BANDS, L1C13_STATS, SSL4EO_STATS
 from terrafm_lightning.models import TerraFM
 from tests.conftest import shared_path
-from tests.generators.released import write_released_tiny
+from tests.generators.weights import write_released_tiny
 
 
 def create(**kwargs):

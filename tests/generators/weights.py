@@ -1,9 +1,14 @@
-"""A synthetic released-layout checkpoint (``TerraFM-*.pth`` key layout) at TerraFM-Ti width.
+"""Synthetic weight files: a released-layout checkpoint and a pretraining checkpoint.
 
+Released layout (``TerraFM-*.pth`` keys) at TerraFM-Ti width:
 The key names and shapes are those of the release's manifest
 (``shared/reference/terrafm_checkpoint_keys.json``, TerraFM-B) with every width scaled from
 TerraFM-B's to TerraFM-Ti's (768 -> 192, stem 2304 -> 576, MLP 3072 -> 768); the values are
 seeded random. Like the release, it has no fusion tensors.
+
+Pretraining checkpoint: the Lightning checkpoint layout of ``TerraFMPretrainModule``
+(``teacher.backbone.*``, ``student.backbone.*``, ``hyper_parameters.backbone``) holding two given
+backbone state dicts, for the export commands.
 """
 
 from __future__ import annotations
@@ -29,4 +34,18 @@ def released_tiny_state(manifest: Path, seed: int = 0) -> dict[str, torch.Tensor
 def write_released_tiny(manifest: Path, out: Path, seed: int = 0) -> Path:
     """Write :func:`released_tiny_state` to ``out`` with ``torch.save``."""
     torch.save(released_tiny_state(manifest, seed), out)
+    return out
+
+
+def write_pretraining_checkpoint(
+    out: Path,
+    name: str,
+    teacher: dict[str, torch.Tensor],
+    student: dict[str, torch.Tensor],
+) -> Path:
+    """Write a pretraining checkpoint of the factory ``name`` with the two backbones."""
+    state = {f"teacher.backbone.{k}": v for k, v in teacher.items()}
+    state |= {f"student.backbone.{k}": v for k, v in student.items()}
+    hparams = {"backbone": name, "backbone_kwargs": {}}
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, out)
     return out
