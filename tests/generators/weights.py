@@ -1,10 +1,9 @@
 """Synthetic weight files: a released-layout checkpoint and a pretraining checkpoint.
 
-Released layout (``TerraFM-*.pth`` keys) at TerraFM-Ti width:
-The key names and shapes are those of the release's manifest
-(``shared/reference/terrafm_checkpoint_keys.json``, TerraFM-B) with every width scaled from
-TerraFM-B's to TerraFM-Ti's (768 -> 192, stem 2304 -> 576, MLP 3072 -> 768); the values are
-seeded random. Like the release, it has no fusion tensors.
+Released layout (``TerraFM-*.pth`` keys) at TerraFM-B or TerraFM-Ti width: the key names and
+shapes of the release's manifest (``shared/reference/terrafm_checkpoint_keys.json``, TerraFM-B),
+for Ti with every width scaled from TerraFM-B's to TerraFM-Ti's (768 -> 192, stem 2304 -> 576,
+MLP 3072 -> 768); the values are seeded random. Like the release, it has no fusion tensors.
 
 Pretraining checkpoint: the Lightning checkpoint layout of ``TerraFMPretrainModule``
 (``teacher.backbone.*``, ``student.backbone.*``, ``hyper_parameters.backbone``) holding two given
@@ -21,19 +20,20 @@ import torch
 BASE_TO_TINY = {768: 192, 2304: 576, 3072: 768}
 
 
-def released_tiny_state(manifest: Path, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The TerraFM-Ti state dict in the released layout, from the release's key manifest."""
+def released_state(manifest: Path, tiny: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A TerraFM-Ti (or, ``tiny=False``, TerraFM-B) state dict in the released layout."""
     base = json.loads(manifest.read_text())["terrafm_base"]
+    scale = BASE_TO_TINY if tiny else {}
     generator = torch.Generator().manual_seed(seed)
     return {
-        key: torch.randn([BASE_TO_TINY.get(n, n) for n in shape], generator=generator) * 0.02
+        key: torch.randn([scale.get(n, n) for n in shape], generator=generator) * 0.02
         for key, shape in base.items()
     }
 
 
-def write_released_tiny(manifest: Path, out: Path, seed: int = 0) -> Path:
-    """Write :func:`released_tiny_state` to ``out`` with ``torch.save``."""
-    torch.save(released_tiny_state(manifest, seed), out)
+def write_released(manifest: Path, out: Path, tiny: bool = True, seed: int = 0) -> Path:
+    """Write :func:`released_state` to ``out`` with ``torch.save``."""
+    torch.save(released_state(manifest, tiny, seed), out)
     return out
 
 

@@ -11,7 +11,7 @@ from terrafm_lightning.bands import CHANNEL_TABLE
 from terrafm_lightning.modalities import BANDS, L1C13_STATS, SSL4EO_STATS
 from terrafm_lightning.models import TerraFM
 from tests.conftest import shared_path
-from tests.generators.weights import write_released_tiny
+from tests.generators.weights import write_released
 
 
 def create(**kwargs):
@@ -129,7 +129,7 @@ def test_in_chans_table_and_bad_input():
 
 def test_pretrained_file_in_the_release_layout_loads_offline(tmp_path, caplog):
     manifest = shared_path("reference", "terrafm_checkpoint_keys.json")
-    path = write_released_tiny(manifest, tmp_path / "TerraFM-Ti.pth")
+    path = write_released(manifest, tmp_path / "TerraFM-Ti.pth")
     released = torch.load(path, weights_only=True)
     torch.manual_seed(0)
     initial = timm.create_model("terrafm_tiny").patch_embed.fusion.queries.detach().clone()
