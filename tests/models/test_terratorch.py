@@ -3,17 +3,16 @@
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
 from terratorch.models import EncoderDecoderFactory
 from terratorch.registry import BACKBONE_REGISTRY
 from terratorch.tasks import SemanticSegmentationTask
-from torch.utils.data import DataLoader
 
 from terrafm_lightning.models import export_released_weights, terrafm_tiny
 from terrafm_lightning.models.terratorch import TerraFMBackbone
 from terrafm_lightning.ssl.checkpoint import backbone_payload
+from tests.models.fast_fit import fast_dev_fit
 
 NECKS = [
     {"name": "SelectIndices", "indices": [0, 1, 2, 3]},
@@ -111,16 +110,7 @@ def test_semantic_segmentation_task_fits(dict_input):
         image = {"S2L2A": image, "S1RTC": torch.randn(2, 2, 32, 32, generator=generator)}
     batches = [{"image": image, "mask": torch.randint(0, 3, (2, 32, 32), generator=generator)}]
     stem = task.model.encoder.model.patch_embed.conv2d_s1.weight.detach().clone()
-    trainer = L.Trainer(
-        fast_dev_run=True,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(batches, batch_size=None)
-    trainer.fit(task, train_dataloaders=loader, val_dataloaders=loader)
+    trainer = fast_dev_fit(task, batches)
     assert trainer.state.finished and "train/loss" in trainer.callback_metrics
     # The S1 stem trains exactly when the dict input carries S1 (fusion of both modalities).
     s1_trained = not torch.equal(task.model.encoder.model.patch_embed.conv2d_s1.weight, stem)

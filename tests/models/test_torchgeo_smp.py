@@ -1,30 +1,15 @@
 """TerraFM through torchgeo's trainers and smp's DPT, by their own entry points."""
 
-import lightning as L
 import pytest
 import segmentation_models_pytorch as smp
 import torch
-from torch.utils.data import DataLoader
 from torchgeo.trainers import ClassificationTask, SemanticSegmentationTask
 
 import terrafm_lightning.models  # noqa: F401  (registers terrafm_* in timm)
 from terrafm_lightning.cli import main
 from terrafm_lightning.models import terrafm_tiny
 from tests.generators.weights import write_pretraining_checkpoint
-
-
-def fit(task, batches):
-    trainer = L.Trainer(
-        fast_dev_run=True,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(batches, batch_size=None)
-    trainer.fit(task, train_dataloaders=loader, val_dataloaders=loader)
-    return trainer
+from tests.models.fast_fit import fast_dev_fit
 
 
 def classification_batches():
@@ -54,7 +39,7 @@ def test_torchgeo_classification_trains(freeze_backbone):
         model="terrafm_tiny", in_channels=12, num_classes=3, freeze_backbone=freeze_backbone
     )
     before = snapshot(task.model)
-    trainer = fit(task, classification_batches())
+    trainer = fast_dev_fit(task, classification_batches())
     assert trainer.state.finished and task.model.head.out_features == 3
     moved = changed(before, task.model)
     assert {"head.weight", "head.bias"} <= moved
@@ -67,7 +52,7 @@ def test_torchgeo_dpt_segmentation_trains():
         model="dpt", backbone="tu-terrafm_tiny", in_channels=12, num_classes=3
     )
     before = snapshot(task.model)
-    trainer = fit(task, segmentation_batches())
+    trainer = fast_dev_fit(task, segmentation_batches())
     assert trainer.state.finished
     assert "encoder.model.blocks.0.attn.qkv.weight" in changed(before, task.model)
 
