@@ -5,11 +5,11 @@ import sys
 
 import pytest
 import torch
-from terratorch.models import EncoderDecoderFactory
-from terratorch.registry import BACKBONE_REGISTRY
-from terratorch.tasks import SemanticSegmentationTask
 
 from terrafm_lightning.models import export_released_weights, terrafm_tiny
+
+# Imported before terratorch itself, which sets torch's float32 matmul precision to "medium" for
+# the whole process on import; our module restores it (terratorch is imported in the tests).
 from terrafm_lightning.models.terratorch import TerraFMBackbone
 from terrafm_lightning.ssl.checkpoint import backbone_payload
 from tests.models.fast_fit import fast_dev_fit
@@ -30,6 +30,10 @@ print(before, BACKBONE_REGISTRY.build("terrafm_tiny", depth=1).out_channels)
 """
 
 
+def test_importing_the_backbones_keeps_torch_matmul_precision():
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 @pytest.mark.slow
 def test_custom_module_folder_registers_the_backbones(tmp_path):
     # terratorch's mechanism behind `custom_modules_path: <folder>` in a `terratorch fit` YAML,
@@ -47,6 +51,8 @@ def test_custom_module_folder_registers_the_backbones(tmp_path):
 
 
 def test_backbone_contract_tensor_and_modality_dict():
+    from terratorch.registry import BACKBONE_REGISTRY
+
     backbone = BACKBONE_REGISTRY.build("terrafm_tiny", depth=3)
     assert isinstance(backbone, TerraFMBackbone) and backbone.out_channels == [192] * 3
     x = torch.randn(2, 12, 32, 32)
@@ -63,6 +69,8 @@ def test_backbone_contract_tensor_and_modality_dict():
 
 @pytest.mark.parametrize("layout", ["export", "released"])
 def test_ckpt_path_loads_our_export_or_the_release(tmp_path, layout):
+    from terratorch.registry import BACKBONE_REGISTRY
+
     torch.manual_seed(0)
     source = terrafm_tiny(depth=2)
     path = tmp_path / f"{layout}.pth"
@@ -78,6 +86,8 @@ def test_ckpt_path_loads_our_export_or_the_release(tmp_path, layout):
 
 
 def test_encoder_decoder_factory_builds_upernet():
+    from terratorch.models import EncoderDecoderFactory
+
     model = EncoderDecoderFactory().build_model(
         task="segmentation",
         backbone="terrafm_tiny",
@@ -93,6 +103,8 @@ def test_encoder_decoder_factory_builds_upernet():
 
 @pytest.mark.parametrize("dict_input", [False, True])
 def test_semantic_segmentation_task_fits(dict_input):
+    from terratorch.tasks import SemanticSegmentationTask
+
     model_args = {
         "backbone": "terrafm_tiny",
         "backbone_depth": 4,

@@ -16,13 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+import torch
 from torch import Tensor, nn
 
 from terrafm_lightning.models.checkpoints import read_torch_file
 from terrafm_lightning.models.released import load_released_weights
 from terrafm_lightning.models.terrafm import TerraFM, block_indices
 from terrafm_lightning.ssl.checkpoint import BACKBONE_FORMAT
+
+
+def _import_backbone_registry() -> Any:
+    """The terratorch backbone registry, imported without changing torch's matmul precision.
+
+    Importing terratorch 1.2.11's registry runs ``torch.set_float32_matmul_precision("medium")``
+    (in its Clay v1.5 backbone module), which lets float32 matmuls run in lower precision for
+    the whole process; the caller's setting is restored.
+    """
+    precision = torch.get_float32_matmul_precision()
+    try:
+        from terratorch.registry import TERRATORCH_BACKBONE_REGISTRY
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return TERRATORCH_BACKBONE_REGISTRY
+
+
+TERRATORCH_BACKBONE_REGISTRY = _import_backbone_registry()
 
 TERRAMIND_NAMES: dict[str, str] = {"S1RTC": "s1", "S2L1C": "s2_l1c", "S2L2A": "s2_l2a"}
 """terratorch / TerraMind modality names accepted as dict keys, and our modality for each."""
