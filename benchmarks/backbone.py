@@ -17,12 +17,16 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from terrafm_lightning.models import export_released_weights, terrafm_base
-from terrafm_lightning.models.reference import ReferenceTerraFM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test-only reference network
+from tests.models.reference import ReferenceTerraFM  # noqa: E402
 
 # Forward GFLOPs of TerraFM-B on one 224 px image (terrafm.md section 8); backward ~ 2x forward.
 FWD_GFLOPS_224 = 42.5

@@ -2,8 +2,9 @@
 
 ``terrafm fit|validate|test|predict --config experiments/<name>.yaml`` runs any module and
 datamodule of the package; YAML names them by short class name (``class_path:
-TerraFMPretrainModule``). ``terrafm export-backbone --ckpt X --out Y [--student] [--released]``
-writes a pretraining checkpoint's backbone (see :mod:`terrafm_lightning.ssl.checkpoint`).
+TerraFMPretrainModule``). ``terrafm export-backbone --ckpt X --out Y [--student] [--released |
+--torchgeo [TASK]]`` writes a pretraining checkpoint's backbone (see
+:mod:`terrafm_lightning.ssl.checkpoint`; torchgeo's: :mod:`terrafm_lightning.models.torchgeo`).
 
 User mistakes end with one ``terrafm: error: ...`` line naming the thing and the fix, exit
 status 2: the project's own :class:`~terrafm_lightning.errors.UserError` (a missing file, store
@@ -42,7 +43,14 @@ import terrafm_lightning.ssl.prediction  # noqa: F401
 import terrafm_lightning.ssl.probe  # noqa: F401
 from terrafm_lightning.errors import UserError
 from terrafm_lightning.models.checkpoints import read_checkpoint
-from terrafm_lightning.ssl.checkpoint import export_backbone, released_export_note
+from terrafm_lightning.models.torchgeo import TASKS as TORCHGEO_TASKS
+from terrafm_lightning.models.torchgeo import write_torchgeo_checkpoint
+from terrafm_lightning.ssl.checkpoint import (
+    checkpoint_architecture,
+    export_backbone,
+    load_pretraining_backbone,
+    released_export_note,
+)
 from terrafm_lightning.ssl.module import MODULE_CLASS_KEY, TerraFMPretrainModule
 
 RUN_VERSION_ENV = "TERRAFM_RUN_VERSION"
@@ -245,7 +253,21 @@ def _export_main(argv: list[str]) -> None:
         action="store_true",
         help="write the released layout (load_released_weights); drops the fusion tensors",
     )
+    parser.add_argument(
+        "--torchgeo",
+        nargs="?",
+        const="classification",
+        choices=TORCHGEO_TASKS,
+        help="write the layout torchgeo's trainers take as weights= (default classification; "
+        "segmentation for SemanticSegmentationTask(model='dpt', backbone='tu-<factory>'))",
+    )
     args = parser.parse_args(argv)
+    if args.torchgeo:
+        branch = "student" if args.student else "teacher"
+        name, kwargs = checkpoint_architecture(read_checkpoint(args.ckpt))
+        state = load_pretraining_backbone(args.ckpt, branch).state_dict()
+        print(write_torchgeo_checkpoint(name, kwargs, state, args.out, args.torchgeo))
+        return
     out = export_backbone(args.ckpt, args.out, args.student, args.released)
     if args.released:
         print(released_export_note(), file=sys.stderr)

@@ -6,6 +6,9 @@ every presence/availability mask in the package.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from terrafm_lightning.errors import UserError
 
 MODALITIES: tuple[str, ...] = ("s1", "s2_l1c", "s2_l2a")
@@ -102,6 +105,13 @@ SSL4EO_STATS: dict[str, dict[str, tuple[float, ...]]] = {
 }
 """Published SSL4EO-S12 v1 per-band mean/std (L1C without B10), keyed by modality."""
 
+L1C13_STATS: dict[str, tuple] = {
+    "bands": S2_L1C_ALL_BANDS,
+    "mean": _L1C13_MEAN,
+    "std": _L1C13_STD,
+}
+"""Published SSL4EO-S12 v1 mean/std of all 13 L1C bands (B10 included), in ``bands`` order."""
+
 WORLDCOVER_CLASSES: dict[int, str] = {
     10: "tree cover",
     20: "shrubland",
@@ -116,6 +126,12 @@ WORLDCOVER_CLASSES: dict[int, str] = {
     100: "moss and lichen",
 }
 """ESA WorldCover class codes and names (0 is no data / open ocean)."""
+
+
+def worldcover_index(codes: Tensor) -> Tensor:
+    """Class index (0..10, :data:`WORLDCOVER_CLASSES` order) of WorldCover codes."""
+    table = torch.tensor(sorted(WORLDCOVER_CLASSES), device=codes.device)
+    return torch.searchsorted(table, codes)
 
 
 def check_modality(name: str) -> str:

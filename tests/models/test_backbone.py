@@ -11,8 +11,8 @@ from terrafm_lightning.models import (
     load_released_weights,
     terrafm_tiny,
 )
-from terrafm_lightning.models.reference import ReferenceTerraFM
 from tests.conftest import shared_path
+from tests.models.reference import ReferenceTerraFM
 
 
 def tiny(**kwargs):
@@ -34,7 +34,7 @@ def test_output_shapes_for_every_subset(subset, size):
     n = (size // 16) ** 2
     assert model(inputs).shape == (2, 192)
     assert model.forward_features(inputs).shape == (2, 1 + n, 192)
-    maps = model.forward_intermediates(inputs, indices=[0, 1])
+    maps = model.forward_intermediates(inputs, indices=[0, 1], intermediates_only=True)
     assert [m.shape for m in maps] == [(2, 192, size // 16, size // 16)] * 2
 
 

@@ -8,7 +8,7 @@ import torch
 
 from terrafm_lightning.modalities import BANDS, SSL4EO_STATS
 from terrafm_lightning.models import export_released_weights, terrafm_tiny
-from terrafm_lightning.models.reference import ReferenceTerraFM
+from tests.models.reference import ReferenceTerraFM
 
 
 def test_one_modality_tensor_call_equals_the_dict_call() -> None:
@@ -17,8 +17,8 @@ def test_one_modality_tensor_call_equals_the_dict_call() -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(x, modality="s2_l2a"), model({"s2_l2a": x}))
         assert not torch.allclose(model(x, modality="s2_l2a"), model(x, modality="s2_l1c"))
-    with pytest.raises(ValueError, match="modality="):
-        model(x)
+        # A plain tensor goes to the default modality (S2 L2A for 12 channels).
+        torch.testing.assert_close(model(x), model({"s2_l2a": x}))
 
 
 @pytest.mark.parametrize("name", ["terrafm_tiny", "terrafm_small", "terrafm_base", "terrafm_large"])

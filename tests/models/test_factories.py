@@ -34,7 +34,7 @@ def test_factory_contract(name):
             assert model({m: inputs[m]}, alone).shape == (2, d)
         cls = model(inputs, presence)
         tokens = model.forward_features(inputs, presence)
-        maps = model.forward_intermediates(inputs, presence, indices=1)
+        maps = model.forward_intermediates(inputs, presence, indices=1, intermediates_only=True)
     assert cls.shape == (2, d) and torch.isfinite(cls).all()
     assert tokens.shape == (2, 1 + 4, d)
     torch.testing.assert_close(tokens[:, 0], cls)
@@ -42,7 +42,17 @@ def test_factory_contract(name):
     assert {"cls_token", "pos_embed"} <= model.no_weight_decay()
 
 
-@pytest.mark.parametrize("name", FACTORIES)
-def test_factory_refuses_hub_download(name):
-    with pytest.raises(ValueError, match="no hub download"):
+@pytest.mark.parametrize("name", ["terrafm_tiny", "terrafm_small"])
+def test_sizes_without_released_weights_say_so(name):
+    with pytest.raises(RuntimeError, match=f"No pretrained weights exist for {name}"):
         timm.create_model(name, pretrained=True)
+
+
+def test_released_sizes_are_listed_with_their_hub_files():
+    assert timm.list_models("terrafm*", pretrained=True) == [
+        "terrafm_base.release",
+        "terrafm_large.release",
+    ]
+    for name, file in [("terrafm_base", "TerraFM-B.pth"), ("terrafm_large", "TerraFM-L.pth")]:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert (cfg.hf_hub_id, cfg.hf_hub_filename) == ("MBZUAI/TerraFM", file)

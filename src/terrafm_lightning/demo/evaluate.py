@@ -22,7 +22,7 @@ from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.data.dataset import StoreTileDataset, collate_tile_batch
 from terrafm_lightning.eval.features import SplitFeatures, extract_features
 from terrafm_lightning.eval.knn import knn_scores, score_metrics
-from terrafm_lightning.modalities import MODALITIES
+from terrafm_lightning.modalities import MODALITIES, worldcover_index
 from terrafm_lightning.models import TerraFM
 
 VIEWS: dict[str, str | None] = {"fused": None, "S1": "s1", "S2 L2A": "s2_l2a"}
@@ -38,7 +38,6 @@ def view_batches(
     enters a single-modality view only if it has that modality; tiles without a dominant class
     (no valid WorldCover pixel) are left out.
     """
-    classes = torch.tensor(dm.classes)
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tile_batch):
         tiles = dm.multicrop.whole_tiles(batch)
         presence, keep = tiles["presence"], batch["dominant_class"] > 0
@@ -49,7 +48,7 @@ def view_batches(
             presence = column
         if keep.any():
             inputs = {m: x[keep] for m, x in tiles["inputs"].items()}
-            label = torch.searchsorted(classes, batch["dominant_class"][keep])
+            label = worldcover_index(batch["dominant_class"][keep])
             yield {**inputs, "presence": presence[keep], "label": label}
 
 

@@ -1,6 +1,6 @@
 """Downstream evaluation: kNN, linear / segmentation probes, fine-tuning, band mapping."""
 
-from terrafm_lightning.eval.band_mapping import BandMapping, map_bands
+from terrafm_lightning.bands import BandMapping, map_bands
 from terrafm_lightning.eval.datasets import (
     BigEarthNetDataModule,
     EuroSATDataModule,

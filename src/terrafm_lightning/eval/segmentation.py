@@ -134,10 +134,14 @@ class SegmentationProbe(BackboneTask):
         size = size or next(iter(inputs.values())).shape[-2:]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.hparams.head == "linear":
-                maps = self.backbone.forward_intermediates(inputs, indices=1, norm=True)
+                maps = self.backbone.forward_intermediates(
+                    inputs, indices=1, norm=True, intermediates_only=True
+                )
             else:
                 unique = sorted(set(self.block_indices))
-                found = self.backbone.forward_intermediates(inputs, indices=unique)
+                found = self.backbone.forward_intermediates(
+                    inputs, indices=unique, intermediates_only=True
+                )
                 maps = [found[unique.index(i)] for i in self.block_indices]
         logits = self.head(maps[0]) if self.hparams.head == "linear" else self.head(maps)
         return _resize(logits, size)

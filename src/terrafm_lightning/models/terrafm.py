@@ -1,4 +1,11 @@
-"""The TerraFM backbone: modality-specific stems + fusion in front of a pre-norm ViT."""
+"""The TerraFM backbone: modality-specific stems + fusion in front of a pre-norm ViT.
+
+Besides its own call (a dict modality -> tensor with a presence mask), the model follows timm's
+model protocol: a plain tensor goes to the default modality with the channel layout of
+``in_chans`` / ``bands`` (:func:`~terrafm_lightning.bands.input_bands`), and ``num_classes``,
+``global_pool``, ``forward_head``, ``forward_intermediates`` and ``feature_info`` behave as in
+timm's ViTs. Only public timm API is used.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +17,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
-from timm.models import register_model
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from terrafm_lightning.bands import input_bands, stem_indices
 from terrafm_lightning.batch import require
-from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, UNITS
+from terrafm_lightning.errors import UserError
+from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models.patch_embed import ModalityPatchEmbed
+
+POOLS = ("token", "avg")
+"""``global_pool`` values: the CLS token, or the mean of the patch tokens."""
 
 
 class TerraFMBlock(Block):
@@ -102,6 +112,15 @@ class TerraFM(nn.Module):
         num_queries: learned fusion queries (5 in the paper).
         drop_path_rate: stochastic depth of the last block (linear over depth).
         modalities: modalities to build stems for.
+        num_classes: classifier outputs; 0 returns the pooled features (timm convention).
+        global_pool: ``token`` (CLS) or ``avg`` (mean of the patch tokens).
+        in_chans: channels of a plain tensor input: 12 (S2 L2A), 13 (S2 L1C as distributed,
+            B10 dropped), 2 (S1 VV, VH); see :data:`~terrafm_lightning.bands.CHANNEL_TABLE`.
+        bands: band names of a plain tensor's channels (any order or subset of the default
+            modality's bands, matched by name; absent stem bands are zero, i.e. the
+            normalisation mean).
+        default_modality: stem that plain tensors go to (default: from ``in_chans``, else
+            ``s2_l2a``).
     """
 
     def __init__(
@@ -116,12 +135,27 @@ class TerraFM(nn.Module):
         num_queries: int = 5,
         drop_path_rate: float = 0.0,
         modalities: Sequence[str] = MODALITIES,
+        num_classes: int = 0,
+        global_pool: str = "token",
+        in_chans: int | None = None,
+        bands: Sequence[str] | None = None,
+        default_modality: str | None = None,
     ) -> None:
         super().__init__()
         for m in modalities:
             if m not in BANDS:
-                raise ValueError(f"unknown modality {m!r}; expected a subset of {list(MODALITIES)}")
-        self.embed_dim = self.num_features = embed_dim
+                raise UserError(f"unknown modality {m!r}; expected a subset of {list(MODALITIES)}")
+        self.default_modality, self.input_bands = input_bands(in_chans, bands, default_modality)
+        if self.default_modality not in modalities:
+            raise UserError(
+                f"default_modality {self.default_modality!r} has no stem; this model takes "
+                f"{list(modalities)}"
+            )
+        self.in_chans = len(self.input_bands)
+        self._register_channel_map()
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.num_prefix_tokens = 1
+        self.has_cls_token = True
         self.patch_size = patch_size
         self.grid_size = img_size // patch_size
         self.patch_embed = ModalityPatchEmbed(
@@ -136,9 +170,69 @@ class TerraFM(nn.Module):
             TerraFMBlock(embed_dim, num_heads, mlp_ratio, r, norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
+        self.feature_info = [
+            {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"}
+            for i in range(depth)
+        ]
+        # The head is the last child (torchgeo's weight loading looks for the classifier there).
+        self.num_classes, self.global_pool = 0, global_pool
+        self.head: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes, global_pool)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    def _register_channel_map(self) -> None:
+        """Buffers that gather a plain tensor's channels into the default stem's band order."""
+        indices = stem_indices(self.input_bands, self.default_modality, "bands=")
+        self.identity_channels = list(indices) == list(range(self.in_chans))
+        present = [j for j, i in enumerate(indices) if i is not None]
+        self.register_buffer("stem_channels", torch.tensor(present), persistent=False)
+        self.register_buffer(
+            "input_channels", torch.tensor([indices[j] for j in present]), persistent=False
+        )
+
+    def plain_inputs(self, x: Tensor) -> dict[str, Tensor]:
+        """The input dict of a plain (B, in_chans, H, W) tensor: the default stem's bands.
+
+        Stem bands the tensor lacks (a ``bands=`` subset) are zero, the normalisation mean.
+
+        Raises:
+            ValueError: on a tensor of another shape, naming the channel layout expected.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise UserError(
+                f"expected a (B, {self.in_chans}, H, W) tensor with bands "
+                f"{list(self.input_bands)} ({self.default_modality}), got shape {tuple(x.shape)}; "
+                "build the model with in_chans= or bands= for another layout"
+            )
+        if self.identity_channels:
+            return {self.default_modality: x}
+        stem = x.new_zeros(x.shape[0], len(BANDS[self.default_modality]), *x.shape[-2:])
+        stem[:, self.stem_channels] = x[:, self.input_channels]
+        return {self.default_modality: stem}
+
+    def _as_inputs(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, Tensor]:
+        return self.plain_inputs(inputs) if isinstance(inputs, Tensor) else inputs
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (``Identity`` when ``num_classes`` is 0)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head by a fresh ``num_classes`` classifier (0: features), timm style.
+
+        Raises:
+            ValueError: on a ``global_pool`` other than ``token`` or ``avg``.
+        """
+        if global_pool is not None:
+            if global_pool not in POOLS:
+                raise UserError(f"global_pool={global_pool!r}; accepted: {list(POOLS)}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (timm convention)."""
@@ -162,25 +256,23 @@ class TerraFM(nn.Module):
                 not a multiple of the patch size, inconsistent shapes or an inconsistent mask.
         """
         if not inputs:
-            raise ValueError(f"empty input: give at least one of {list(self.modalities)}")
+            raise UserError(f"empty input: give at least one of {list(self.modalities)}")
         shape = None
         for m, x in inputs.items():
             if m not in self.modalities:
-                raise ValueError(
-                    f"unknown modality {m!r}; this model takes {list(self.modalities)}"
-                )
+                raise UserError(f"unknown modality {m!r}; this model takes {list(self.modalities)}")
             if x.ndim != 4 or x.shape[1] != len(BANDS[m]):
-                raise ValueError(
+                raise UserError(
                     f"{m}: expected (B, {len(BANDS[m])}, H, W) with bands {list(BANDS[m])}, "
                     f"got shape {tuple(x.shape)}"
                 )
             h, w = x.shape[-2:]
             if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
-                raise ValueError(
+                raise UserError(
                     f"{m}: spatial size {h}x{w} must be a positive multiple of {self.patch_size}"
                 )
             if shape is not None and (x.shape[0], h, w) != shape:
-                raise ValueError(
+                raise UserError(
                     f"{m}: batch and size {(x.shape[0], h, w)} differ from the other "
                     f"modalities' {shape}"
                 )
@@ -190,7 +282,7 @@ class TerraFM(nn.Module):
             columns = [torch.full((shape[0],), m in inputs, device=device) for m in MODALITIES]
             return torch.stack(columns, dim=1)
         if presence.shape != (shape[0], len(MODALITIES)) or presence.dtype != torch.bool:
-            raise ValueError(
+            raise UserError(
                 f"presence mask must be bool of shape ({shape[0]}, {len(MODALITIES)}) with "
                 f"columns {list(MODALITIES)}; got {presence.dtype} {tuple(presence.shape)}"
             )
@@ -237,9 +329,11 @@ class TerraFM(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         return x + self.interpolate_pos_encoding(h, w)
 
-    def forward_features(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
-        """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d)."""
-        x = self.prepare_tokens(inputs, presence)
+    def forward_features(
+        self, inputs: dict[str, Tensor] | Tensor, presence: Tensor | None = None
+    ) -> Tensor:
+        """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d), of a dict or a plain tensor."""
+        x = self.prepare_tokens(self._as_inputs(inputs), presence)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -273,10 +367,11 @@ class TerraFM(nn.Module):
         presence: Tensor | Sequence[Tensor | None] | None = None,
         modality: str | None = None,
     ) -> Tensor:
-        """Normalised CLS features, (B, d).
+        """Pooled features (B, d), or logits (B, num_classes) with a classifier.
 
-        ``model(x, modality="s2_l2a")`` is ``model({"s2_l2a": x})`` (one modality, timm style).
-        A list of input dicts with a list of masks (crop sets of different sizes) is
+        A plain tensor goes to the default modality in the ``in_chans`` / ``bands`` layout;
+        ``model(x, modality="s2_l2a")`` is ``model({"s2_l2a": x})`` (the stem's band order). A
+        list of input dicts with a list of masks (crop sets of different sizes) is
         :meth:`forward_packed`; under FSDP2 it must go through this call, which gathers the
         parameters.
         """
@@ -284,44 +379,120 @@ class TerraFM(nn.Module):
             return self.forward_packed(inputs, presence)
         if modality is not None:
             if not isinstance(inputs, Tensor):
-                raise ValueError("modality= takes one (B, C, H, W) tensor, not a dict of inputs")
+                raise UserError("modality= takes one (B, C, H, W) tensor, not a dict of inputs")
             inputs = {modality: inputs}
-        elif isinstance(inputs, Tensor):
-            raise ValueError(
-                f"a bare tensor needs modality=, one of {list(self.modalities)} "
-                "(or pass a dict modality -> tensor)"
-            )
-        return self.forward_features(inputs, presence)[:, 0]
+        return self.forward_head(self.forward_features(inputs, presence))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pool ``forward_features`` tokens (``global_pool``) and apply the classifier.
+
+        Args:
+            x: (B, 1 + N, d) tokens.
+            pre_logits: return the pooled (B, d) features without the classifier.
+        """
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(1)
+        return x if pre_logits else self.head(x)
 
     def forward_intermediates(
         self,
-        inputs: dict[str, Tensor],
+        inputs: dict[str, Tensor] | Tensor,
         presence: Tensor | None = None,
         indices: int | Sequence[int] | None = None,
         norm: bool = False,
-    ) -> list[Tensor]:
-        """Patch-token maps of chosen blocks for dense heads.
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+        stop_early: bool = False,
+    ) -> list[Any] | tuple[Tensor, list[Any]]:
+        """Token maps of chosen blocks for dense heads (timm's keywords).
 
         Args:
-            inputs: modality -> (B, C, H, W).
+            inputs: modality -> (B, C, H, W), or a plain tensor.
             presence: optional (B, 3) bool mask.
             indices: last ``n`` blocks if an int, else block indices (negative allowed);
                 all blocks if None.
             norm: apply the final LayerNorm to each map.
+            output_fmt: ``NCHW`` maps (B, d, H/16, W/16) or ``NLC`` tokens (B, N, d).
+            intermediates_only: return only the maps, not the final features as well.
+            return_prefix_tokens: give each map with its CLS token, ``(map, (B, 1, d))``.
+            stop_early: with ``intermediates_only``, stop after the last selected block
+                (always done then); kept for timm's signature.
 
         Returns:
-            One (B, d, H/16, W/16) map per selected block, in block order.
+            The maps in block order; unless ``intermediates_only``, ``(forward_features
+            tokens, maps)``.
+
+        Raises:
+            ValueError: on an index beyond the depth or an unknown ``output_fmt``.
         """
-        take, last = feature_take_indices(len(self.blocks), indices)
+        fmt = getattr(output_fmt, "value", output_fmt)
+        if fmt not in ("NCHW", "NLC"):
+            raise UserError(f"output_fmt={fmt!r}; accepted: 'NCHW', 'NLC'")
+        take = block_indices(len(self.blocks), indices)
+        inputs = self._as_inputs(inputs)
         h, w = (s // self.patch_size for s in next(iter(inputs.values())).shape[-2:])
         x = self.prepare_tokens(inputs, presence)
-        maps = []
+        last = len(self.blocks) - 1 if not intermediates_only else max(take)
+        maps: list[Any] = []
         for i, block in enumerate(self.blocks[: last + 1]):
             x = block(x)
             if i in take:
                 y = self.norm(x) if norm else x
-                maps.append(y[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, h, w))
-        return maps
+                tokens = y[:, self.num_prefix_tokens :]
+                if fmt == "NCHW":
+                    tokens = tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
+                prefix = y[:, : self.num_prefix_tokens]
+                maps.append((tokens, prefix) if return_prefix_tokens else tokens)
+        if intermediates_only:
+            return maps
+        return self.norm(x), maps
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (timm protocol); the kept indices.
+
+        Args:
+            indices: as in :meth:`forward_intermediates`.
+            prune_norm: replace the final norm by an identity.
+            prune_head: drop the classifier (``num_classes`` 0).
+        """
+        take = block_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max(take) + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
+
+def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Sorted non-negative block indices of ``indices`` for a model of ``depth`` blocks.
+
+    An int ``n`` is the last ``n`` blocks; a sequence gives indices (negative from the end);
+    None is all blocks.
+
+    Raises:
+        ValueError: naming an index or count beyond ``depth`` and the accepted range.
+    """
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise UserError(
+                f"indices={indices}: this model has {depth} blocks; accepted 1..{depth}"
+            )
+        return list(range(depth - indices, depth))
+    bad = [i for i in indices if not -depth <= i < depth]
+    if bad or not indices:
+        raise UserError(
+            f"indices / out_indices {list(indices)}: this model has {depth} blocks; "
+            f"accepted 0..{depth - 1} or -{depth}..-1"
+        )
+    return sorted({i % depth for i in indices})
 
 
 def layer_group_matcher(prefix: str = "") -> dict[str, Any]:
@@ -345,80 +516,3 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-
-
-_SIZES: dict[str, dict[str, int]] = {
-    "terrafm_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3},
-    "terrafm_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
-    "terrafm_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
-    "terrafm_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16},
-}
-
-
-def pretrained_cfg(name: str, model: TerraFM) -> dict[str, Any]:
-    """timm-style ``pretrained_cfg`` of a built model: inputs, band order and normalisation.
-
-    ``modalities`` maps each stem's modality to its band order (the input channel order), unit
-    and the documented default normalisation (:data:`SSL4EO_STATS`; a store's own ``stats``
-    override them in training). Released weights are never downloaded (``url`` empty).
-    """
-    return {
-        "architecture": name,
-        "url": "",
-        "hf_hub_id": None,
-        "license": "apache-2.0",
-        "paper_ids": "arXiv:2506.06281",
-        "input_size": (
-            None,
-            model.grid_size * model.patch_size,
-            model.grid_size * model.patch_size,
-        ),
-        "patch_size": model.patch_size,
-        "num_classes": 0,
-        "modalities": {
-            m: {
-                "bands": list(BANDS[m]),
-                "units": UNITS[m],
-                "mean": list(SSL4EO_STATS[m]["mean"]),
-                "std": list(SSL4EO_STATS[m]["std"]),
-            }
-            for m in model.modalities
-        },
-    }
-
-
-def _build(name: str, pretrained: bool, **kwargs: object) -> TerraFM:
-    if pretrained:
-        raise ValueError(
-            f"{name}: no hub download; build it and call load_released_weights(model, path)"
-        )
-    # timm.create_model passes its own pretrained-config arguments; they do not apply here.
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    model = TerraFM(**{**_SIZES[name], **kwargs})
-    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name, model)
-    return model
-
-
-@register_model
-def terrafm_tiny(pretrained: bool = False, **kwargs: object) -> TerraFM:
-    """TerraFM-Ti: d=192, 12 blocks, 3 heads (tests and the CPU demo)."""
-    return _build("terrafm_tiny", pretrained, **kwargs)
-
-
-@register_model
-def terrafm_small(pretrained: bool = False, **kwargs: object) -> TerraFM:
-    """TerraFM-S: d=384, 12 blocks, 6 heads."""
-    return _build("terrafm_small", pretrained, **kwargs)
-
-
-@register_model
-def terrafm_base(pretrained: bool = False, **kwargs: object) -> TerraFM:
-    """TerraFM-B: d=768, 12 blocks, 12 heads (released weights ``TerraFM-B.pth``)."""
-    return _build("terrafm_base", pretrained, **kwargs)
-
-
-@register_model
-def terrafm_large(pretrained: bool = False, **kwargs: object) -> TerraFM:
-    """TerraFM-L: d=1024, 24 blocks, 16 heads (released weights ``TerraFM-L.pth``)."""
-    return _build("terrafm_large", pretrained, **kwargs)

@@ -6,6 +6,7 @@ offers in this form (cutting a cell into row-major tiles with their affines).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ import xarray as xr
 from rasterio.crs import CRS
 from rasterio.warp import Resampling
 
-from terrafm_lightning.modalities import BANDS, S2_L1C_ALL_BANDS
+from terrafm_lightning.bands import BandError, documented_orders, file_bands, stem_indices
+from terrafm_lightning.modalities import BANDS
 from terrafm_lightning.prep.errors import InputError
 
-_L1C_WITHOUT_B10 = [i + 1 for i, b in enumerate(S2_L1C_ALL_BANDS) if b != "B10"]
 GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": True}
 """GDAL settings of every GeoTIFF read: uncompressed data is read through a memory mapping, past
 GDAL's block cache (measured per read: a 1068 px uint16 band from memory 0.4-0.5 against
@@ -26,18 +27,29 @@ GDAL's block cache (measured per read: a 1068 px uint16 band from memory 0.4-0.5
 as without it)."""
 
 
-def band_indexes(modality: str, count: int, source: str) -> list[int]:
-    """1-based bands of a ``count``-band raster to read for ``modality`` (L1C: all but B10).
+def band_indexes(modality: str, descriptions: Sequence[str | None], source: str) -> list[int]:
+    """1-based bands of a raster to read for ``modality``, in stem band order, matched by name.
+
+    Names come from the band descriptions, else from the documented order of the band count
+    (:func:`~terrafm_lightning.bands.file_bands`); bands the stem does not take (B10) are not
+    read.
 
     Raises:
-        InputError: naming ``source`` when the band count does not fit the modality.
+        InputError: naming ``source`` when the bands do not fit the modality.
     """
-    if modality == "s2_l1c" and count == len(S2_L1C_ALL_BANDS):
-        return _L1C_WITHOUT_B10
-    if count != len(BANDS[modality]):
-        allowed = "12 or 13" if modality == "s2_l1c" else str(len(BANDS[modality]))
+    orders, count = documented_orders(modality), len(descriptions)
+    if count not in orders and not all(descriptions):
+        allowed = " or ".join(map(str, orders))
         raise InputError(f"{source} has {count} bands; {modality} needs {allowed}")
-    return list(range(1, count + 1))
+    try:
+        names = file_bands(descriptions, orders.get(count, ()), source)
+        indices = stem_indices(names, modality, source)
+    except BandError as err:
+        raise InputError(f"{source}: {err}") from err
+    missing = [b for b, i in zip(BANDS[modality], indices, strict=True) if i is None]
+    if missing:
+        raise InputError(f"{source}: no {modality} bands {missing} among its bands {names}")
+    return [i + 1 for i in indices]
 
 
 def align(
@@ -104,7 +116,7 @@ def read_geotiff(
             rasterio.MemoryFile(content) as memory,
             memory.open(driver="GTiff") as src,
         ):
-            bands = band_indexes(modality, src.count, str(path))
+            bands = band_indexes(modality, src.descriptions, str(path))
             return src.read(bands), src.crs, src.transform, src.nodata, src.tags()
     except (OSError, rasterio.errors.RasterioError) as err:
         raise InputError(f"cannot read {path}: {err}") from err

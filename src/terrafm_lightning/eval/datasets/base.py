@@ -29,13 +29,8 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from terrafm_lightning.bands import BandMapping, MissingBands, file_bands, map_bands
 from terrafm_lightning.errors import MissingInputError, UserError
-from terrafm_lightning.eval.band_mapping import (
-    BandMapping,
-    MissingBands,
-    canonical_band,
-    map_bands,
-)
 from terrafm_lightning.modalities import check_modality
 
 log = logging.getLogger(__name__)
@@ -116,10 +111,7 @@ def read_tif_bands(
     data, descriptions, dtype = _open_tif(path)
     if dtypes is not None and dtype not in dtypes:
         raise UserError(f"{path}: dtype {dtype}, expected one of {list(dtypes)}")
-    bands = [canonical_band(d) for d in descriptions] if all(descriptions) else list(documented)
-    if data.shape[0] != len(bands):
-        raise UserError(f"{path}: {data.shape[0]} bands, expected {len(bands)} {bands}")
-    return data, bands
+    return data, file_bands(descriptions, documented, str(path))
 
 
 def read_split_file(path: Path) -> list[str]:
@@ -224,7 +216,7 @@ class EvalDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         img_size: model input size (multiple of 16); None rounds the native size.
         missing_bands: ``"error"`` or ``"fill"`` for stem bands the data lacks (see
-            :mod:`~terrafm_lightning.eval.band_mapping`).
+            :mod:`~terrafm_lightning.bands`).
         stats: per-modality ``{"mean", "std"}`` in stem band order (default: SSL4EO-S12, the
             pretraining default; pass the pretraining store's statistics when they differ).
         seed: seed of the training loader's shuffling.

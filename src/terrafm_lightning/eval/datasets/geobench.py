@@ -35,8 +35,8 @@ import h5py
 import numpy as np
 import torch
 
+from terrafm_lightning.bands import canonical_band
 from terrafm_lightning.errors import MissingInputError, UserError
-from terrafm_lightning.eval.band_mapping import canonical_band
 from terrafm_lightning.eval.datasets.base import Detection, EvalDataModule, Sample, layout_error
 from terrafm_lightning.eval.datasets.eurosat import EUROSAT_MS_BANDS
 
