@@ -24,6 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from terrafm_lightning.errors import UserError
+
 TorchGeoTask = Literal["classification", "segmentation"]
 TASKS: tuple[str, ...] = ("classification", "segmentation")
 
