@@ -6,6 +6,9 @@ every presence/availability mask in the package.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 MODALITIES: tuple[str, ...] = ("s1", "s2_l1c", "s2_l2a")
 """Modality keys, in presence-mask column order."""
 
@@ -114,6 +117,12 @@ WORLDCOVER_CLASSES: dict[int, str] = {
     100: "moss and lichen",
 }
 """ESA WorldCover class codes and names (0 is no data / open ocean)."""
+
+
+def worldcover_index(codes: Tensor) -> Tensor:
+    """Class index (0..10, ``WORLDCOVER_CLASSES`` order) of WorldCover codes."""
+    table = torch.tensor(sorted(WORLDCOVER_CLASSES), device=codes.device)
+    return torch.searchsorted(table, codes)
 
 
 def check_modality(name: str) -> str:

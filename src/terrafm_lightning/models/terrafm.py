@@ -14,6 +14,7 @@ from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from terrafm_lightning.batch import require
 from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, UNITS
@@ -136,6 +137,7 @@ class TerraFM(nn.Module):
             TerraFMBlock(embed_dim, num_heads, mlp_ratio, r, norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = 0  # block period of activation checkpointing (0: off)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -149,6 +151,31 @@ class TerraFM(nn.Module):
             "patch_embed.fusion.queries",
             "patch_embed.fusion.score",
         }
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Activation checkpointing of the blocks (timm's method), in both forward paths.
+
+        Checkpointed blocks keep only their input for backward and run their forward again
+        there (``torch.utils.checkpoint``, non-reentrant, random state restored so drop-path
+        draws repeat): the same outputs and gradients for less activation memory.
+
+        Args:
+            enable: turn it on (off with False).
+            every: checkpoint blocks 0, k, 2k, ... (1: every block).
+
+        Raises:
+            ValueError: if ``every`` < 1.
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (every k-th block), got {every}")
+        self.grad_checkpointing = every if enable else 0
+
+    def _block(self, i: int, block: TerraFMBlock, *args: Any) -> Tensor:
+        """Block ``i`` on ``args``, checkpointed when it is one of the checkpointed blocks."""
+        k = self.grad_checkpointing
+        if k and i % k == 0 and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Timm layer groups (for ``param_groups_layer_decay``); see :func:`layer_group_matcher`."""
@@ -240,8 +267,8 @@ class TerraFM(nn.Module):
     def forward_features(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
         """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d)."""
         x = self.prepare_tokens(inputs, presence)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = self._block(i, block, x)
         return self.norm(x)
 
     def forward_packed(
@@ -261,8 +288,8 @@ class TerraFM(nn.Module):
             row_sample.append(torch.arange(b * n, device=device) // n + offset)
             offset += b
         row_sample = torch.cat(row_sample)
-        for block in self.blocks:
-            x = block(x, sets, row_sample)
+        for i, block in enumerate(self.blocks):
+            x = self._block(i, block, x, sets, row_sample)
         rows = x.split([b * n for b, n in sets])
         cls = [r.view(b, n, -1)[:, 0] for r, (b, n) in zip(rows, sets, strict=True)]
         return self.norm(torch.cat(cls))
