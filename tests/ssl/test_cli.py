@@ -231,7 +231,9 @@ def test_linear_probe_subclass_loads_a_pretraining_checkpoint(trained, store: Pa
     trainer.fit(probe, datamodule=dm)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/probe_loss"])
     assert not torch.equal(probe.probe.weight, head)
-    for key, value in pretrained.items():  # student, teacher and centres untouched
+    networks = {k: v for k, v in pretrained.items() if k.startswith(("student.", "teacher."))}
+    assert len(networks) == len(probe.state_dict()) - 2  # all but the probe's weight and bias
+    for key, value in networks.items():  # student and teacher untouched
         torch.testing.assert_close(probe.state_dict()[key], value, msg=key)
 
 
