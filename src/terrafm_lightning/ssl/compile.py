@@ -21,8 +21,9 @@ COMPILE_MODES: tuple[str, ...] = (
     "reduce-overhead",
     "max-autotune",
     "max-autotune-no-cudagraphs",
+    "lite",
 )
-"""The ``mode`` values ``torch.compile`` accepts."""
+"""The ``mode`` values ``torch.compile`` accepts (torch 2.14; a test checks them against torch)."""
 
 
 def compile_mode(value: bool | str | None) -> str | None:
