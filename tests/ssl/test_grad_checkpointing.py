@@ -69,7 +69,9 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients_for_less_memory(
 
 def test_checkpointing_the_teacher_is_refused_in_one_line() -> None:
     kwargs = {**TINY, "backbone_kwargs": {"depth": 2, "grad_checkpointing": True}}
-    with pytest.raises(ValueError, match=r"^backbone_kwargs.grad_checkpointing would reach the teacher"):
+    with pytest.raises(
+        ValueError, match=r"^backbone_kwargs.grad_checkpointing would reach the teacher"
+    ):
         TerraFMPretrainModule(**kwargs)
     model = TerraFMPretrainModule(**TINY)
     model.teacher.backbone.set_grad_checkpointing()

@@ -57,3 +57,37 @@ def test_store_without_worldcover_names_the_one_switch_and_trains_with_it(
     assert set(cli.model.centering.norms()) == {"center_norm"}
     assert cli.model.hparams.class_frequencies == {}
     assert torch.isfinite(cli.trainer.callback_metrics["val/knn_top1"])
+
+
+def _train_losses(out: Path) -> dict[int, float]:
+    with (out / "runs" / "version_0" / "metrics.csv").open() as f:
+        return {
+            int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
+        }
+
+
+@pytest.mark.slow
+def test_compiled_ddp_fit_through_the_cli_equals_eager(tmp_path: Path) -> None:
+    store = make_synthetic_store(tmp_path / "store.zarr", 32, 64)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    losses = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        out = tmp_path / name
+        # No drop-path: inductor draws its own random numbers, so only then are losses equal.
+        model = {"compile": compile_, "drop_path_rate": 0.0}
+        config = tiny_config(store, out, model=model, strategy="ddp", devices=2, max_steps=2)
+        done = subprocess.run(
+            [sys.executable, "-m", "terrafm_lightning", "fit", "--config", str(config)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        losses[name] = _train_losses(out)
+    assert sorted(losses["compiled"]) == [0, 1]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5)
