@@ -55,7 +55,6 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path: Path) -> None:
     assert {k: loader["store"][k] for k in ("samples", "tile")} == {"samples": 8, "tile": 64}
     assert loader["workers_1"]["batch_size"] == 2
     assert math.isfinite(loader["workers_1"]["samples_per_s"])
-    assert results["decode"] == {
-        "skipped": "terrafm_lightning.data.decode is not in this tree: no GPU decode backend "
-        "to compare (issue 11, deliverable 2)"
-    }
+    # Skipped on CPU, naming the decode module it looked for (found or not in this tree).
+    assert list(results["decode"]) == ["skipped"]
+    assert results["decode"]["skipped"].startswith("terrafm_lightning.data.decode ")

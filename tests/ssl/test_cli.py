@@ -28,10 +28,8 @@ from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from terrafm_lightning.ssl.probe import TeacherLinearProbe
 from terrafm_lightning.store.format import open_store
 from tests.conftest import free_port, s3_options
+from tests.generators.configs import tiny_config
 from tests.generators.stores import make_synthetic_store
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "experiments" / "pretrain_tiny_cpu.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -42,26 +40,6 @@ def _one_thread() -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic_store(tmp_path_factory.mktemp("store") / "tiny.zarr", 32, 64)
-
-
-def tiny_config(
-    store: Path | str, out: Path, data: dict[str, Any] | None = None, **trainer: Any
-) -> Path:
-    """The tiny experiment config with its outputs under ``out`` and no progress bar."""
-    config = yaml.safe_load(TINY.read_text())
-    config["data"]["init_args"].update(path=str(store), **(data or {}))
-    config["trainer"].update(
-        default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, **trainer
-    )
-    for logger in config["trainer"]["logger"]:
-        logger["init_args"]["save_dir"] = str(out)
-    config["trainer"]["callbacks"] = [
-        c for c in config["trainer"]["callbacks"] if c["class_path"] != "RichProgressBar"
-    ]
-    path = out / "config.yaml"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def metric_rows(out: Path) -> list[dict[str, str]]:

@@ -9,13 +9,10 @@ from torch._dynamo.utils import counters
 from terrafm_lightning.ssl.compile import COMPILE_MODES
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from tests.generators.batches import make_batch
+from tests.generators.modules import TINY_NETWORKS
 
 TINY = {
-    "backbone": "terrafm_tiny",
-    "backbone_kwargs": {"depth": 2},
-    "num_prototypes": 128,
-    "head_hidden_dim": 64,
-    "head_bottleneck_dim": 32,
+    **TINY_NETWORKS,
     "high_frequency_classes": [10, 30],
     "drop_path_rate": 0.0,  # inductor draws its own random numbers: compare without drop-path
 }

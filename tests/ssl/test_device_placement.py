@@ -25,15 +25,9 @@ from terrafm_lightning.data.datamodule import TerraFMDataModule
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from terrafm_lightning.ssl.online_knn import unique_samples, validation_metrics
+from tests.generators.modules import TINY_NETWORKS
 from tests.generators.stores import make_synthetic_store
 
-TINY = {
-    "backbone": "terrafm_tiny",
-    "backbone_kwargs": {"depth": 2},
-    "num_prototypes": 128,
-    "head_hidden_dim": 64,
-    "head_bottleneck_dim": 32,
-}
 
 
 class OffDeviceOutputs(TorchDispatchMode):
@@ -80,7 +74,7 @@ def test_step_forward_and_online_knn_stay_on_the_device_without_host_syncs(
     dm.setup("fit")
     train_batch = next(iter(dm.train_dataloader()))
     val_batches = list(dm.val_dataloader())  # 8 held-out tiles, 2 batches
-    model = TerraFMPretrainModule(**TINY, high_frequency_classes=dm.high_frequency_classes)
+    model = TerraFMPretrainModule(**TINY_NETWORKS, high_frequency_classes=dm.high_frequency_classes)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:  # parameters, buffers and batches become fake CUDA tensors
         model = model.to("cuda").train()

@@ -7,13 +7,11 @@ import torch
 
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from tests.generators.batches import make_batch
+from tests.generators.modules import TINY_NETWORKS
 
 TINY = {
-    "backbone": "terrafm_tiny",
+    **TINY_NETWORKS,
     "backbone_kwargs": {"depth": 4},
-    "num_prototypes": 128,
-    "head_hidden_dim": 64,
-    "head_bottleneck_dim": 32,
     "high_frequency_classes": [10, 30],
     "drop_path_rate": 0.3,  # drop-path draws must repeat in the recomputation
 }

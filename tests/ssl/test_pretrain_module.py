@@ -22,11 +22,7 @@ from terrafm_lightning.ssl.throughput import PretrainThroughputMonitor
 from tests.generators.batches import make_batch, take_samples
 
 TINY = {
-    "backbone": "terrafm_tiny",
-    "backbone_kwargs": {"depth": 2},
-    "num_prototypes": 128,
-    "head_hidden_dim": 64,
-    "head_bottleneck_dim": 32,
+    **TINY_NETWORKS,
     "high_frequency_classes": [10, 30],
     "warmup_epochs": 0.5,
     "teacher_temp_warmup_epochs": 0.5,
