@@ -29,7 +29,6 @@ from tests.generators.modules import TINY_NETWORKS
 from tests.generators.stores import make_synthetic_store
 
 
-
 class OffDeviceOutputs(TorchDispatchMode):
     """Records each operator whose output holds a tensor that is not on the CUDA device.
 

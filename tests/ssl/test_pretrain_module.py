@@ -20,6 +20,7 @@ from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from terrafm_lightning.ssl.throughput import PretrainThroughputMonitor
 from tests.generators.batches import make_batch, take_samples
+from tests.generators.modules import TINY_NETWORKS
 
 TINY = {
     **TINY_NETWORKS,
