@@ -85,7 +85,7 @@ def test_compiled_ddp_fit_through_the_cli_equals_eager(tmp_path: Path) -> None:
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=900,
         )
         assert done.returncode == 0, done.stderr[-4000:]
         losses[name] = _train_losses(out)
