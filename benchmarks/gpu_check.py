@@ -39,7 +39,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from pretrain_step import RandomTiles, compile_nets, raw_batch, trainer
+from pretrain_step import RandomTiles, raw_batch, trainer
 from torch.utils.flop_counter import FlopCounterMode
 
 from terrafm_lightning.data.datamodule import TerraFMDataModule
@@ -100,8 +100,11 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build(cfg: dict[str, Any]) -> tuple[TerraFMPretrainModule, MultiCrop]:
-    """The pretraining module (dual centring) and the multi-crop of ``cfg``."""
+def build(cfg: dict[str, Any], compiled: bool = False) -> tuple[TerraFMPretrainModule, MultiCrop]:
+    """The pretraining module (dual centring) and the multi-crop of ``cfg``.
+
+    ``compiled``: the module's ``compile`` switch (inductor, compiled in ``configure_model``).
+    """
     torch.manual_seed(0)
     model = TerraFMPretrainModule(
         cfg["backbone"],
@@ -109,6 +112,7 @@ def build(cfg: dict[str, Any]) -> tuple[TerraFMPretrainModule, MultiCrop]:
         num_prototypes=cfg["prototypes"],
         high_frequency_classes=[10, 30, 80],
         warmup_epochs=0,
+        compile=compiled,
     )
     multicrop = MultiCrop(
         n_global=2, global_size=cfg["global"], n_local=cfg["n_local"], local_size=cfg["local"]
@@ -213,12 +217,10 @@ def _step_rates(cfg: dict[str, Any], compiled: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     peak = peak_tflops()
     for batch_size in sorted(cfg["batches"], reverse=compiled):
-        model, multicrop = build(cfg)
+        model, multicrop = build(cfg, compiled)
         tiles = raw_batch(batch_size, cfg["tile"], device())
         model.to(device())
-        flops = step_flops(model, multicrop.to(device())(tiles))
-        if compiled:
-            compile_nets(model, backend="inductor" if torch.cuda.is_available() else "aot_eager")
+        flops = step_flops(model, multicrop.to(device())(tiles))  # eager: before configure_model
         clock = StepClock()
         fit = trainer(device(), [clock], log_every_n_steps=10**6)
         steps = cfg["warmup"] + cfg["steps"]
@@ -247,7 +249,7 @@ def section_step_eager(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def section_step_compiled(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The step with student and teacher compiled (``fullgraph=True``)."""
+    """The step with ``compile=True`` (student and teacher, inductor, ``fullgraph=True``)."""
     return _step_rates(cfg, compiled=True)
 
 

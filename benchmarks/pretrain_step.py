@@ -82,8 +82,14 @@ class RandomTiles(L.LightningDataModule):
         return self.multicrop.to(batch["available"].device)(batch)
 
 
-def build(args: argparse.Namespace, name: str) -> tuple[TerraFMPretrainModule, MultiCrop]:
-    """The pretraining module and the multi-crop of ``args`` (paper crops or the small ones)."""
+def build(
+    args: argparse.Namespace, name: str, compile_mode: bool | str = False
+) -> tuple[TerraFMPretrainModule, MultiCrop]:
+    """The pretraining module and the multi-crop of ``args`` (paper crops or the small ones).
+
+    ``compile_mode`` is the module's ``compile`` switch (Lightning compiles in
+    ``configure_model``).
+    """
     global_size, local_size = (224, 96) if args.paper_crops else (args.global_size, args.local_size)
     multicrop = MultiCrop(
         n_global=2, global_size=global_size, n_local=args.n_local, local_size=local_size
@@ -93,6 +99,7 @@ def build(args: argparse.Namespace, name: str) -> tuple[TerraFMPretrainModule, M
         num_prototypes=args.prototypes,
         high_frequency_classes=[10, 30, 80],
         warmup_epochs=0,
+        compile=compile_mode,
     )
     return model, multicrop
 
@@ -198,15 +205,6 @@ def count_ops(prof: profile, steps: int) -> dict[str, dict[str, float]]:
     return {phase: {k: v / steps for k, v in sorted(c.items())} for phase, c in counts.items() if c}
 
 
-def compile_nets(
-    model: TerraFMPretrainModule, fullgraph: bool = True, backend: str = "inductor"
-) -> None:
-    """``torch.compile`` the student's and the teacher's backbone and head (static shapes)."""
-    for net in (model.student, model.teacher):
-        for part in (net.backbone, net.head):
-            part.compile(fullgraph=fullgraph, dynamic=False, backend=backend)
-
-
 def measure_ops(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Ops per step of ``args.models[0]`` on CPU (eager), counted over ``args.steps`` steps."""
     torch.set_num_threads(1)
@@ -276,9 +274,7 @@ class StepTimer(L.Callback):
 
 def measure_speed(args: argparse.Namespace, name: str, compiled: bool) -> dict[str, float]:
     """Samples/s of ``name`` through the Trainer (and peak memory on CUDA)."""
-    model, multicrop = build(args, name)
-    if compiled:
-        compile_nets(model)
+    model, multicrop = build(args, name, args.compile_mode if compiled else False)
     batch = raw_batch(args.batch_size, tile_size(args))
     timer = StepTimer()
     if args.device == "cuda":
@@ -307,7 +303,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-local", type=int, default=6)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--prototypes", type=int, default=65536)
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off", help="speed")
+    p.add_argument(
+        "--compile",
+        choices=["off", "on", "both"],
+        default="off",
+        help="speed: the module's compile switch; both: eager then compiled, side by side",
+    )
+    p.add_argument("--compile-mode", default="default", help="speed: torch.compile mode")
     p.add_argument("--baseline", help="ops: git revision to count next to this tree")
     p.add_argument("--json", action="store_true", help="ops: print only the counts as JSON")
     return p

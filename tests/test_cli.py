@@ -25,8 +25,9 @@ from terrafm_lightning.errors import MissingInputError
 from terrafm_lightning.modalities import BANDS, MODALITIES
 from terrafm_lightning.models import load_released_weights, terrafm_tiny
 from terrafm_lightning.ssl.checkpoint import export_backbone, load_backbone
-from terrafm_lightning.ssl.module import MODULE_CLASS_KEY, TerraFMPretrainModule
+from terrafm_lightning.ssl.module import TerraFMPretrainModule
 from terrafm_lightning.ssl.probe import TeacherLinearProbe
+from terrafm_lightning.ssl.student_teacher import MODULE_CLASS_KEY
 from terrafm_lightning.store.format import open_store
 from tests.conftest import free_port, s3_options
 from tests.generators.benchmarks import write_eurosat
@@ -217,7 +218,9 @@ def test_linear_probe_subclass_loads_a_pretraining_checkpoint(trained, store: Pa
     trainer.fit(probe, datamodule=dm)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/probe_loss"])
     assert not torch.equal(probe.probe.weight, head)
-    for key, value in pretrained.items():  # student, teacher and centres untouched
+    networks = {k: v for k, v in pretrained.items() if k.startswith(("student.", "teacher."))}
+    assert len(networks) == len(probe.state_dict()) - 2  # all but the probe's weight and bias
+    for key, value in networks.items():  # student and teacher untouched
         torch.testing.assert_close(probe.state_dict()[key], value, msg=key)
 
 

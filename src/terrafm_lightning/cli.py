@@ -51,7 +51,8 @@ from terrafm_lightning.ssl.checkpoint import (
     load_pretraining_backbone,
     released_export_note,
 )
-from terrafm_lightning.ssl.module import MODULE_CLASS_KEY, TerraFMPretrainModule
+from terrafm_lightning.ssl.module import TerraFMPretrainModule
+from terrafm_lightning.ssl.student_teacher import MODULE_CLASS_KEY
 
 RUN_VERSION_ENV = "TERRAFM_RUN_VERSION"
 """``<pid>:<version>`` of the launching process, so DDP ranks it starts share the run folder."""

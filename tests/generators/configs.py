@@ -1,4 +1,4 @@
-"""The tiny experiment config pointed at a test store, and the CLI's one-line error, for tests."""
+"""Experiment configs for tests: the tiny CPU recipe on a test store; the one-line error check."""
 
 from __future__ import annotations
 
@@ -18,15 +18,23 @@ def tiny_config(
     store: Path | str,
     out: Path,
     data: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
     callbacks: list[dict[str, Any]] | None = None,
     **trainer: Any,
 ) -> Path:
-    """The tiny experiment config on ``store``, outputs under ``out``, no progress bar.
+    """The tiny experiment config with its outputs under ``out`` and no progress bar.
 
-    ``callbacks`` are appended to the recipe's.
+    Args:
+        store: the store the datamodule reads.
+        out: folder of the config file and the run's outputs.
+        data: datamodule ``init_args`` to override.
+        model: model ``init_args`` to override.
+        callbacks: callbacks appended to the recipe's.
+        **trainer: trainer arguments to override.
     """
     config = yaml.safe_load(TINY.read_text())
     config["data"]["init_args"].update(path=str(store), **(data or {}))
+    config["model"]["init_args"].update(model or {})
     config["trainer"].update(
         default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False, **trainer
     )

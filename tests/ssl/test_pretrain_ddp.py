@@ -16,8 +16,9 @@ import xarray as xr
 import yaml
 
 from tests.conftest import run_rank_script
+from tests.generators.configs import tiny_config
 from tests.generators.stores import make_synthetic_store
-from tests.test_cli import metric_rows, step_losses, tiny_config, wait_for_checkpoint
+from tests.test_cli import metric_rows, step_losses, wait_for_checkpoint
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.conftest import run_rank_script
+from tests.generators.configs import tiny_config
 from tests.generators.stores import make_synthetic_store
 from tests.ssl.test_pretrain_ddp import cli_process, finish
-from tests.test_cli import step_losses, tiny_config, wait_for_checkpoint
+from tests.test_cli import step_losses, wait_for_checkpoint
 
 MOMENTUM = 0.9  # the script's momentum_teacher: the EMA momentum at optimizer step 0
 

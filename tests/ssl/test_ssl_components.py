@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from terrafm_lightning.ssl.centering import Centering, DualCentering
+from terrafm_lightning.ssl.checkpoint import next_hpc_checkpoint
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.head import DINOHead
 from terrafm_lightning.ssl.loss import dino_loss
@@ -106,3 +107,13 @@ def test_dino_head_prototypes_are_unit_norm_and_fixed() -> None:
     assert DINOHead(
         16, 32, 24, 8, norm_last_layer=False
     ).last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_next_hpc_checkpoint_follows_the_highest_number(tmp_path) -> None:
+    assert next_hpc_checkpoint(str(tmp_path / "missing")) == str(
+        tmp_path / "missing" / "hpc_ckpt_1.ckpt"
+    )
+    assert next_hpc_checkpoint(str(tmp_path)) == str(tmp_path / "hpc_ckpt_1.ckpt")
+    for name in ("hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"):
+        (tmp_path / name).touch()
+    assert next_hpc_checkpoint(str(tmp_path)) == str(tmp_path / "hpc_ckpt_11.ckpt")

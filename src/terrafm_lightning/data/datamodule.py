@@ -212,6 +212,15 @@ class TerraFMDataModule(LightningDataModule):
         self.classes = [int(c) for c in attrs["worldcover_classes"]]
         frequencies = attrs.get("class_frequencies") or {}
         self._class_frequencies = {int(c): float(f) for c, f in frequencies.items()}
+        if hp.tau > 0 and not self._class_frequencies:
+            # Reported, not an error: without a WorldCover map the one switch a run needs is
+            # the model's (centering dino), whose error names it.
+            log.warning(
+                "store %s has no WorldCover class_frequencies (no `terrafm-data worldcover` "
+                "pass): tiles are drawn uniformly, tau=%s does not apply",
+                hp.path,
+                hp.tau,
+            )
         store_stats = (attrs.get("stats") or {}) if hp.normalisation == "store" else {}
         self.multicrop = MultiCrop(
             modalities=self.modalities,
@@ -301,7 +310,9 @@ class TerraFMDataModule(LightningDataModule):
         frequencies = [self._class_frequencies.get(c, 0.0) for c in self.classes]
         hist = self.train_dataset.worldcover_hist
         self.train_weights = (
-            worldcover_tile_weights(hist, frequencies, hp.tau) if hp.tau > 0 else np.ones(len(hist))
+            worldcover_tile_weights(hist, frequencies, hp.tau)
+            if hp.tau > 0 and self._class_frequencies
+            else np.ones(len(hist))
         )
 
     device_decoder: DeviceDecoder | None = None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from terrafm_lightning.bands import input_bands, stem_indices
 from terrafm_lightning.batch import require
@@ -170,6 +171,7 @@ class TerraFM(nn.Module):
             TerraFMBlock(embed_dim, num_heads, mlp_ratio, r, norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = 0  # block period of activation checkpointing (0: off)
         self.feature_info = [
             {"num_chs": embed_dim, "reduction": patch_size, "module": f"blocks.{i}"}
             for i in range(depth)
@@ -243,6 +245,31 @@ class TerraFM(nn.Module):
             "patch_embed.fusion.queries",
             "patch_embed.fusion.score",
         }
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Activation checkpointing of the blocks (timm's method), in both forward paths.
+
+        Checkpointed blocks keep only their input for backward and run their forward again
+        there (``torch.utils.checkpoint``, non-reentrant, random state restored so drop-path
+        draws repeat): the same outputs and gradients for less activation memory.
+
+        Args:
+            enable: turn it on (off with False).
+            every: checkpoint blocks 0, k, 2k, ... (1: every block).
+
+        Raises:
+            ValueError: if ``every`` < 1.
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1 (every k-th block), got {every}")
+        self.grad_checkpointing = every if enable else 0
+
+    def _block(self, i: int, block: TerraFMBlock, *args: Any) -> Tensor:
+        """Block ``i`` on ``args``, checkpointed when it is one of the checkpointed blocks."""
+        k = self.grad_checkpointing
+        if k and i % k == 0 and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Timm layer groups (for ``param_groups_layer_decay``); see :func:`layer_group_matcher`."""
@@ -334,8 +361,8 @@ class TerraFM(nn.Module):
     ) -> Tensor:
         """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d), of a dict or a plain tensor."""
         x = self.prepare_tokens(self._as_inputs(inputs), presence)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = self._block(i, block, x)
         return self.norm(x)
 
     def forward_packed(
@@ -355,8 +382,8 @@ class TerraFM(nn.Module):
             row_sample.append(torch.arange(b * n, device=device) // n + offset)
             offset += b
         row_sample = torch.cat(row_sample)
-        for block in self.blocks:
-            x = block(x, sets, row_sample)
+        for i, block in enumerate(self.blocks):
+            x = self._block(i, block, x, sets, row_sample)
         rows = x.split([b * n for b, n in sets])
         cls = [r.view(b, n, -1)[:, 0] for r, (b, n) in zip(rows, sets, strict=True)]
         return self.norm(torch.cat(cls))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 import timm
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from terrafm_lightning.errors import UserError
 from terrafm_lightning.models.checkpoints import read_checkpoint, read_torch_file
@@ -203,6 +205,18 @@ def released_export_note() -> str:
     )
 
 
+def next_hpc_checkpoint(folder: str) -> str:
+    """``<folder>/hpc_ckpt_<N + 1>.ckpt`` after the highest N there (1 in a fresh folder).
+
+    The name Lightning's SLURM restore looks for: it resumes from the highest ``hpc_ckpt_N``.
+    """
+    fs = get_filesystem(folder)
+    names = fs.ls(folder, detail=False) if fs.isdir(folder) else []
+    found = (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", os.path.basename(n)) for n in names)
+    last = max((int(m.group(1)) for m in found if m), default=0)
+    return os.path.join(folder, f"hpc_ckpt_{last + 1}.ckpt")
+
+
 class SlurmRequeue(Callback):
     """SLURM preemption at an optimizer-step boundary, so the requeued job resumes exactly.
 
@@ -237,9 +251,7 @@ class SlurmRequeue(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
-        trainer.save_checkpoint(
-            trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
-        )
+        trainer.save_checkpoint(next_hpc_checkpoint(trainer.default_root_dir))
         job = os.environ.get("SLURM_JOB_ID")
         if trainer.is_global_zero and job:
             array = os.environ.get("SLURM_ARRAY_JOB_ID")

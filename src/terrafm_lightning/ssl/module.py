@@ -1,56 +1,39 @@
-"""TerraFM self-distillation pretraining as a LightningModule."""
+"""TerraFM self-distillation pretraining as a LightningModule: the DINO step.
+
+The networks (student, EMA teacher, FSDP2 sharding, compilation, activation checkpointing) come
+from :class:`~terrafm_lightning.ssl.student_teacher.StudentTeacherModule`; per-parameter clipping
+from :mod:`~terrafm_lightning.ssl.clipping`, the non-finite check from
+:mod:`~terrafm_lightning.ssl.finite`, per-batch reseeding from :mod:`~terrafm_lightning.ssl.rng`
+and the validation kNN from :mod:`~terrafm_lightning.ssl.online_knn`. Throughput is
+:class:`~terrafm_lightning.ssl.throughput.PretrainThroughputMonitor`, a callback.
+"""
 
 from __future__ import annotations
 
 import math
-import time
-import zlib
 from typing import Any, Literal
 
-import lightning as L
-import timm
 import torch
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from terrafm_lightning.batch import CropBatch, TileView
 from terrafm_lightning.errors import UserError
-from terrafm_lightning.eval.knn import knn_scores
-from terrafm_lightning.modalities import WORLDCOVER_CLASSES
-from terrafm_lightning.models import TerraFM
-from terrafm_lightning.models.terrafm import layer_group_matcher
+from terrafm_lightning.modalities import worldcover_index
 from terrafm_lightning.ssl.centering import Centering, DualCentering
+from terrafm_lightning.ssl.clipping import clip_per_parameter_
 from terrafm_lightning.ssl.ema import ema_update
-from terrafm_lightning.ssl.head import DINOHead
+from terrafm_lightning.ssl.finite import NonFiniteLossGuard
 from terrafm_lightning.ssl.loss import dino_loss
+from terrafm_lightning.ssl.online_knn import gather_samples, unique_samples, validation_metrics
 from terrafm_lightning.ssl.optim import layer_decay_groups
+from terrafm_lightning.ssl.rng import reseed_training_batch
 from terrafm_lightning.ssl.schedules import WarmupCosine
-
-MODULE_CLASS_KEY = "module_class"
-"""Checkpoint key of the module's ``<module>.<class>`` (its ``_class_path`` is not kept)."""
+from terrafm_lightning.ssl.student_teacher import StudentTeacherModule
 
 
-class StudentTeacher(nn.Module):
-    """A backbone and its DINO head (the student or the teacher)."""
-
-    def __init__(self, backbone: TerraFM, head: DINOHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        """Timm layer groups: stem, one per block (final norm with the last), head on top."""
-        return layer_group_matcher("backbone.")
-
-
-def worldcover_index(codes: Tensor) -> Tensor:
-    """Class index (0..10, ``WORLDCOVER_CLASSES`` order) of WorldCover codes."""
-    table = torch.tensor(sorted(WORLDCOVER_CLASSES), device=codes.device)
-    return torch.searchsorted(table, codes)
-
-
-class TerraFMPretrainModule(L.LightningModule):
+class TerraFMPretrainModule(StudentTeacherModule):
     """DINO-style student/EMA-teacher pretraining of a TerraFM backbone with dual centring.
 
     Consumes the pretraining batch of ``docs/contracts.md`` (global/local crops with per-crop
@@ -66,7 +49,8 @@ class TerraFMPretrainModule(L.LightningModule):
         head_hidden_dim: DINO head MLP width.
         head_bottleneck_dim: DINO head bottleneck width.
         norm_last_layer: fix the prototype norms to 1 (DINO's ``norm_last_layer``).
-        centering: ``"dual"`` (TerraFM) or ``"dino"`` (plain DINO centring).
+        centering: ``"dual"`` (TerraFM; needs the store's WorldCover class statistics) or
+            ``"dino"`` (plain DINO centring, for stores without a WorldCover map).
         center_momentum: EMA momentum of the centre(s).
         dual_alpha: weight of the global centre in dual centring.
         class_frequencies: WorldCover class code -> pixel share of the store (linked from the
@@ -93,10 +77,12 @@ class TerraFMPretrainModule(L.LightningModule):
         clip_mode: how ``trainer.gradient_clip_val`` clips: ``"per_parameter"`` (DINO: each
             gradient tensor rescaled to norm <= the value on its own) or ``"global_norm"``
             (Lightning's clip of the norm over all gradients).
+        compile: ``torch.compile`` the networks (:class:`StudentTeacherModule`).
+        grad_checkpointing: activation checkpointing of the student's blocks
+            (:class:`StudentTeacherModule`).
 
-    Subclasses that train something else on the frozen networks (probes) set the class attribute
-    ``pretraining = False``: no EMA, DINO schedules, last-layer freeze or student updates then
-    (see :mod:`terrafm_lightning.ssl.probe`).
+    Modules that train something else on the pretrained networks subclass
+    :class:`StudentTeacherModule` instead (see :mod:`terrafm_lightning.ssl.probe`).
 
     Validation (held-out tiles of ``TerraFMDataModule``, every ``check_val_every_n_epoch``):
     ``val/loss`` is the DINO loss between the whole tile and its left-right flip (deterministic
@@ -111,8 +97,8 @@ class TerraFMPretrainModule(L.LightningModule):
     the recipe.
     """
 
-    pretraining: bool = True
-    """False in subclasses that keep the pretrained networks fixed (probes)."""
+    flops_per_batch: int | None = None
+    """FLOPs of one training batch per device, for ``ThroughputMonitor``'s MFU (None: unknown)."""
 
     def __init__(
         self,
@@ -143,9 +129,20 @@ class TerraFMPretrainModule(L.LightningModule):
         freeze_last_layer_epochs: float = 1.0,
         seed: int = 0,
         clip_mode: Literal["per_parameter", "global_norm"] = "per_parameter",
+        compile: bool | str = False,
+        grad_checkpointing: bool | int = False,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(
+            backbone,
+            backbone_kwargs,
+            drop_path_rate,
+            num_prototypes,
+            head_hidden_dim,
+            head_bottleneck_dim,
+            norm_last_layer,
+            compile,
+            grad_checkpointing,
+        )
         if class_frequencies is not None and high_frequency_classes is not None:
             unknown = sorted(set(high_frequency_classes) - set(class_frequencies))
             if unknown:
@@ -153,22 +150,6 @@ class TerraFMPretrainModule(L.LightningModule):
                     f"high_frequency_classes {unknown} are not in class_frequencies "
                     f"{sorted(class_frequencies)}"
                 )
-        kwargs = dict(backbone_kwargs or {})
-
-        def make(drop_path: float) -> StudentTeacher:
-            net = timm.create_model(backbone, **{**kwargs, "drop_path_rate": drop_path})
-            head = DINOHead(
-                net.embed_dim, num_prototypes, head_hidden_dim, head_bottleneck_dim, norm_last_layer
-            )
-            return StudentTeacher(net, head)
-
-        self.student = make(drop_path_rate)
-        self.teacher = make(0.0)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
-        if not self.pretraining:
-            self.student.requires_grad_(False)
         if centering not in ("dual", "dino"):
             raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
         if clip_mode not in ("per_parameter", "global_norm"):
@@ -184,20 +165,26 @@ class TerraFMPretrainModule(L.LightningModule):
         self._freeze_last_layer_steps = 0
         self._warmup_steps = 0
         self._val_outputs: list[dict[str, Tensor]] = []
-        self._last_step_time: float | None = None
-        self._non_finite: tuple[Tensor, Tensor] | None = None
+        self._non_finite = NonFiniteLossGuard()
         self._high_frequency: Tensor | None = None
 
     # ----------------------------------------------------------------------------- setup
-    def _build_centering(self) -> None:
+    def _build_centering(self, source: str | None = None) -> None:
+        """Build the centring; ``source`` names where the class statistics came from."""
         hp = self.hparams
         if hp.centering == "dino":
             self.centering = Centering(hp.num_prototypes, hp.center_momentum)
             return
         if not hp.high_frequency_classes:
+            if source is not None:
+                raise UserError(
+                    f"dual centring needs WorldCover class frequencies and {source} has none (no "
+                    "WorldCover map): train with --model.init_args.centering dino"
+                )
             raise UserError(
-                "centering='dual' needs high_frequency_classes: give them, or train with a "
-                "datamodule that has them (TerraFMDataModule); use centering='dino' for plain DINO"
+                "dual centring needs model.init_args.high_frequency_classes (WorldCover codes), "
+                "or a datamodule that reads them from its store (TerraFMDataModule); "
+                "--model.init_args.centering dino needs neither"
             )
         self.centering = DualCentering(
             hp.num_prototypes, hp.high_frequency_classes, hp.center_momentum, hp.dual_alpha
@@ -212,46 +199,14 @@ class TerraFMPretrainModule(L.LightningModule):
         ``hparams`` (so the checkpoint rebuilds the same centring) and build the centring.
         """
         datamodule = self.trainer.datamodule if self._trainer is not None else None
+        source = None
         for name in ("class_frequencies", "high_frequency_classes"):
             if self.hparams[name] is None and hasattr(datamodule, name):
                 self.hparams[name] = getattr(datamodule, name)
+                path = getattr(datamodule.hparams, "path", None)
+                source = f"the store {path}" if path else type(datamodule).__name__
         if self.centering is None:
-            self._build_centering()
-
-    def configure_model(self) -> None:
-        """Shard student and teacher alike with FSDP2 under ``ModelParallelStrategy``.
-
-        Every transformer block, then the rest of each backbone and each head, becomes an FSDP
-        unit, so the teacher's shards line up with the student's and the EMA update stays
-        local. The backbone and head are sharded rather than their ``StudentTeacher`` parent
-        because the steps call them directly: FSDP2 gathers a unit's parameters in its own
-        ``forward``. Under other strategies this does nothing (``FSDPStrategy`` wraps by its
-        own policy).
-        """
-        if self._device_mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for net in (self.student, self.teacher):
-            for block in net.backbone.blocks:
-                fully_shard(block, mesh=mesh)
-            for part in (net.backbone, net.head):
-                # FSDP2 keeps a root unit whole after forward until its backward; the teacher
-                # has no backward, so it must reshard at once or EMA would meet whole tensors.
-                fully_shard(
-                    part, mesh=mesh, reshard_after_forward=True if net is self.teacher else None
-                )
-        # A modality absent from every crop of one rank leaves its stem without a gradient
-        # there; reduce-scattering zeros keeps the ranks' collectives the same size.
-        for part in (self.student.backbone, self.student.head):
-            part.set_reduce_scatter_unused_params(True)
-
-    def train(self, mode: bool = True) -> TerraFMPretrainModule:
-        """Set train/eval mode; the teacher always stays in eval mode."""
-        super().train(mode)
-        self.teacher.eval()
-        return self
+            self._build_centering(source)
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """AdamW groups of the student by layer (:func:`layer_decay_groups`).
@@ -281,8 +236,6 @@ class TerraFMPretrainModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Build the per-step schedules from the trainer's step counts."""
-        if not self.pretraining:
-            return
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
         batches = self.trainer.num_training_batches
@@ -316,7 +269,7 @@ class TerraFMPretrainModule(L.LightningModule):
         Global batch = processes (devices x nodes) x this batch's size x gradient accumulation;
         the batch is the one source that holds for every loader, resumed runs included.
         """
-        if "lr" in self._schedules or not self.pretraining:
+        if "lr" in self._schedules:
             return
         trainer = self.trainer
         global_batch = (
@@ -341,16 +294,11 @@ class TerraFMPretrainModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------- forward
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Reseed the global RNG from (seed, epoch, batch, rank) before each training batch.
+        """Reseed the global RNG before each training batch (:mod:`~terrafm_lightning.ssl.rng`).
 
-        The on-device multi-crop, the modality draws and the student's drop-path all draw from
-        the global stream, so each training batch is a pure function of its position and a run
-        resumed from a checkpoint draws exactly what an uninterrupted run draws.
+        A run resumed from a checkpoint then draws exactly what an uninterrupted run draws.
         """
-        if self.trainer.training:
-            batch_idx = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            key = f"{self.hparams.seed}/{self.current_epoch}/{batch_idx}/{self.global_rank}"
-            torch.manual_seed(zlib.crc32(key.encode()))
+        reseed_training_batch(self.trainer, self.hparams.seed)
         return batch
 
     def _student_teacher_logits(self, batch: CropBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -396,30 +344,25 @@ class TerraFMPretrainModule(L.LightningModule):
         """DINO loss of one (micro-)batch; accumulates the centre sums; no host sync.
 
         Logged values are device tensors or CPU scalars (no host-to-device copies). A
-        non-finite loss is recorded on the device and raised by :meth:`_check_finite`.
+        non-finite loss is recorded on the device and raised at the next read
+        (:class:`~terrafm_lightning.ssl.finite.NonFiniteLossGuard`).
         """
         step = self.trainer.global_step
         values = self.schedule_values(step)
         out = self._loss(batch, values["teacher_temp"])
         loss = out["loss"]
-        self._record_non_finite(loss, step)
+        self._non_finite.record(loss, step)
         dominant, size = batch["dominant_class"], batch["dominant_class"].shape[0]
         if (batch_idx + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.is_last_batch:
             # The progress bar turns its values into numbers after every batch, so it gets the
             # loss read here, with the finite check, as a CPU number.
-            value = torch.tensor(self._check_finite(loss))
+            value = torch.tensor(self._non_finite.check(self.current_epoch, loss))
             self.log("loss", value, prog_bar=True, logger=False, batch_size=size)
         self.centering.accumulate(out["teacher"], dominant)
-        now = time.perf_counter()
-        host = dict(values)
-        if self._last_step_time is not None:
-            rate = dominant.shape[0] * self.trainer.world_size / (now - self._last_step_time)
-            host["samples_per_sec"] = rate
-        self._last_step_time = now
         logs = {
             "loss": loss.detach(),
             # Host numbers as views of one CPU tensor: one tensor creation for all of them.
-            **dict(zip(host, torch.tensor(list(host.values())).unbind(), strict=True)),
+            **dict(zip(values, torch.tensor(list(values.values())).unbind(), strict=True)),
             "teacher_entropy": out["entropy"],
             "student_feature_std": out["feature_std"],
             **self.centering.norms(),
@@ -432,39 +375,6 @@ class TerraFMPretrainModule(L.LightningModule):
             logs["high_frequency_share"] = torch.isin(dominant, self._high_frequency).float().mean()
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=size)
         return loss
-
-    def _record_non_finite(self, loss: Tensor, step: int) -> None:
-        """Keep, on the device, the first optimizer step (-1: none) with a non-finite loss."""
-        if self._non_finite is None or self._non_finite[0].device != loss.device:
-            self._non_finite = (
-                torch.full((), -1, dtype=torch.int64, device=loss.device),
-                torch.zeros((), device=loss.device),
-            )
-        first, value = self._non_finite
-        new = (first < 0) & ~torch.isfinite(loss)
-        self._non_finite = (torch.where(new, step, first), torch.where(new, loss.detach(), value))
-
-    def _check_finite(self, loss: Tensor | None = None) -> float:
-        """Stop on a recorded non-finite loss; one host sync, which also reads ``loss``.
-
-        Returns:
-            The value of ``loss`` (NaN without one).
-        """
-        if self._non_finite is None:
-            return float("nan")
-        parts = [*self._non_finite, *([] if loss is None else [loss.detach()])]
-        first, bad, *current = torch.stack([p.double() for p in parts]).tolist()
-        if first >= 0:
-            raise FloatingPointError(
-                f"non-finite DINO loss ({bad}) at optimizer step {int(first)} "
-                f"(epoch {self.current_epoch}): stopping; lower the lr or check the input batch"
-            )
-        return current[0] if current else float("nan")
-
-    def predict_step(self, batch: TileView, batch_idx: int) -> dict[str, Tensor]:
-        """Teacher CLS and mean patch token of whole-tile views, with the store sample index."""
-        tokens = self.teacher.backbone.forward_features(batch["inputs"], batch["presence"])
-        return {"index": batch["index"], "cls": tokens[:, 0], "mean_patch": tokens[:, 1:].mean(1)}
 
     def validation_step(self, batch: TileView, batch_idx: int) -> None:
         """Per-sample DINO loss on (tile, flipped tile) and teacher CLS, kept for epoch end."""
@@ -492,60 +402,33 @@ class TerraFMPretrainModule(L.LightningModule):
         )
 
     def on_validation_epoch_end(self) -> None:
-        """Gather every rank's samples, drop the sampler's padding duplicates, log the metrics."""
+        """Gather every rank's samples, drop the sampler's padding duplicates, log the metrics.
+
+        Metrics of :func:`~terrafm_lightning.ssl.online_knn.validation_metrics`; the rare-class
+        kNN is logged when the validation set has a sample of a rare class.
+        """
         if not self._val_outputs:
             return
         local = {k: torch.cat([o[k] for o in self._val_outputs]) for k in self._val_outputs[0]}
         self._val_outputs.clear()
-        gathered = {
-            k: v.flatten(0, 1) if self.trainer.world_size > 1 else v
-            for k, v in ((k, self.all_gather(v)) for k, v in local.items())
-        }
-        order = torch.argsort(gathered["index"], stable=True)
-        index = gathered["index"][order]
-        first = torch.ones_like(index, dtype=torch.bool)
-        first[1:] = index[1:] != index[:-1]
-        data = {k: v[order][first] for k, v in gathered.items()}
-        self.log("val/loss", data["loss"].mean())
-        if len(data["label"]) < 2:
-            return
-        folds = [torch.arange(len(data["label"]), device=index.device) % 2 == f for f in (0, 1)]
-        predicted = torch.empty_like(data["label"])
-        for query, bank in (folds, folds[::-1]):
-            scores = knn_scores(
-                data["features"][bank],
-                data["label"][bank],
-                data["features"][query],
-                len(WORLDCOVER_CLASSES),
-            )
-            predicted[query] = scores.argmax(1)
-        correct = (predicted == data["label"]).float()
-        self.log("val/knn_top1", correct.mean())
-        frequent = worldcover_index(
-            torch.tensor(self.hparams.high_frequency_classes or [], device=index.device)
-        )
-        rare = ~torch.isin(data["label"], frequent)
-        if rare.any():
-            self.log("val/knn_rare_top1", correct[rare].mean())
+        rows = gather_samples(self, local)
+        # Distinct samples: the validation set (ranks pad their shares with repeats).
+        count = len(local["index"]) if self.trainer.world_size == 1 else None
+        rows = unique_samples(rows, count or len(self.trainer.val_dataloaders.dataset))
+        metrics = validation_metrics(rows, self.hparams.high_frequency_classes or [])
+        if not metrics.pop("rare_samples", 0):  # one host read per validation epoch
+            metrics.pop("val/knn_rare_top1", None)
+        self.log_dict(metrics)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Never write a checkpoint after a non-finite loss; keep plain hyper-parameters only.
-
-        LightningCLI records its instantiator and the class path; every argument of this module
-        is a plain value, and with them ``Subclass.load_from_checkpoint`` (probes) would be
-        refused. The writing class is kept under :data:`MODULE_CLASS_KEY` instead, for the
-        CLI's check that ``--ckpt_path`` fits the config's model.
-        """
-        self._check_finite()
-        hparams = checkpoint.get("hyper_parameters", {})
-        hparams.pop("_instantiator", None)
-        hparams.pop("_class_path", None)
-        checkpoint[MODULE_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        """Never write a checkpoint after a non-finite loss; keep plain hyper-parameters only."""
+        self._non_finite.check(self.current_epoch)
+        super().on_save_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------------ optimisation
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the prototype layer's gradients while it is frozen (before clipping)."""
-        if self.pretraining and self.trainer.global_step < self._freeze_last_layer_steps:
+        if self.trainer.global_step < self._freeze_last_layer_steps:
             for param in self.student.head.last_layer.parameters():
                 param.grad = None
 
@@ -557,9 +440,7 @@ class TerraFMPretrainModule(L.LightningModule):
     ) -> None:
         """Clip each gradient tensor on its own (DINO) or, with ``clip_mode``, the global norm.
 
-        Per parameter: ``g *= min(1, clip / (||g|| + 1e-6))`` (DINO's ``clip_gradients``),
-        computed on the device without a host sync, for all gradients at once (foreach ops);
-        a sharded (FSDP2) gradient's norm is its full norm.
+        Per parameter: :func:`~terrafm_lightning.ssl.clipping.clip_per_parameter_`.
         """
         per_parameter = self.hparams.clip_mode == "per_parameter"
         if not gradient_clip_val or not per_parameter or gradient_clip_algorithm == "value":
@@ -568,11 +449,7 @@ class TerraFMPretrainModule(L.LightningModule):
             )
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norms = torch.stack(torch._foreach_norm(grads))
-        scales = (gradient_clip_val / (norms + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, scales.unbind())
+        clip_per_parameter_(grads, gradient_clip_val)
 
     def optimizer_step(
         self,
@@ -582,9 +459,6 @@ class TerraFMPretrainModule(L.LightningModule):
         optimizer_closure: Any = None,
     ) -> None:
         """Set this step's lr and weight decay, step, then update the EMA teacher."""
-        if not self.pretraining:
-            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-            return
         values = self.schedule_values(self.trainer.global_step)
         for group in optimizer.param_groups:
             group["lr"] = values["lr"] * group["lr_scale"]

@@ -1,8 +1,8 @@
-"""Subclassing the pretraining module: a linear probe on the frozen teacher (README example).
+"""Subclassing the shared base: a linear probe on the frozen teacher (README example).
 
 ``TeacherLinearProbe.load_from_checkpoint("pretrain.ckpt")`` rebuilds the pretrained networks
-from the checkpoint's hyper-parameters, loads their weights and adds a fresh linear head; with
-``pretraining = False`` the base runs no EMA, DINO schedule, centring update or student step.
+from the checkpoint's hyper-parameters (:class:`StudentTeacherModule`), loads their weights and
+adds a fresh linear head; only that head trains.
 """
 
 from __future__ import annotations
@@ -14,18 +14,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from terrafm_lightning.batch import CropBatch
-from terrafm_lightning.modalities import WORLDCOVER_CLASSES
-from terrafm_lightning.ssl.module import TerraFMPretrainModule, worldcover_index
+from terrafm_lightning.modalities import WORLDCOVER_CLASSES, worldcover_index
+from terrafm_lightning.ssl.student_teacher import StudentTeacherModule
 
 
-class TeacherLinearProbe(TerraFMPretrainModule):
-    """Linear head on the frozen teacher's CLS, trained on the tiles' dominant WorldCover class."""
+class TeacherLinearProbe(StudentTeacherModule):
+    """Linear head on the frozen teacher's CLS, trained on the tiles' dominant WorldCover class.
 
-    pretraining = False  # keep student and teacher as pretrained
+    Args:
+        probe_lr: AdamW learning rate of the linear head.
+        **pretraining_hparams: the pretraining module's hyper-parameters (from its checkpoint);
+            the networks' ones build student and teacher, the DINO ones are not used.
+    """
+
     strict_loading = False  # a pretraining checkpoint has no probe tensors
 
-    def __init__(self, probe_lr: float = 1e-3, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, probe_lr: float = 1e-3, **pretraining_hparams: Any) -> None:
+        super().__init__(**self.network_arguments(pretraining_hparams))
+        self.student.requires_grad_(False)  # keep the pretrained networks as they are
         self.probe = nn.Linear(self.teacher.backbone.embed_dim, len(WORLDCOVER_CLASSES))
 
     def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:  # noqa: D102
