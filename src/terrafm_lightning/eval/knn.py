@@ -117,17 +117,20 @@ def cross_fold_knn(
 ) -> Tensor:
     """Predicted classes of a labelled set by kNN, each fold using the other folds as the bank.
 
-    Sample i is in fold ``i % folds``. Needs at least ``folds`` samples.
+    Sample i is in fold ``i % folds``. The folds are gathered by index, never by a boolean mask,
+    so this reads nothing back to the host (the pretraining module's online kNN uses it).
+    Needs at least ``folds`` samples.
 
     Returns:
         (N,) predicted class indices.
     """
-    if len(labels) < folds:
-        raise ValueError(f"cross_fold_knn needs at least {folds} samples, got {len(labels)}")
-    fold = torch.arange(len(labels), device=labels.device) % folds
+    n = len(labels)
+    if n < folds:
+        raise ValueError(f"cross_fold_knn needs at least {folds} samples, got {n}")
+    members = [torch.arange(f, n, folds, device=labels.device) for f in range(folds)]
     predicted = torch.empty_like(labels)
-    for f in range(folds):
-        query, bank = fold == f, fold != f
+    for f, query in enumerate(members):
+        bank = torch.cat([m for g, m in enumerate(members) if g != f])
         scores = knn_scores(
             features[bank], labels[bank], features[query], num_classes,
             k=k, temperature=temperature,

@@ -1,6 +1,6 @@
 """Online kNN of pretraining validation: gather per-sample values, de-duplicate, two-fold kNN.
 
-The kNN itself is :func:`terrafm_lightning.eval.knn.knn_scores` (cosine, k=20, T=0.07).
+The kNN itself is :func:`terrafm_lightning.eval.knn.cross_fold_knn` (cosine, k=20, T=0.07).
 Everything here runs on the device without a host sync.
 """
 
@@ -10,7 +10,7 @@ import torch
 from lightning import LightningModule
 from torch import Tensor
 
-from terrafm_lightning.eval.knn import knn_scores
+from terrafm_lightning.eval.knn import cross_fold_knn
 from terrafm_lightning.modalities import WORLDCOVER_CLASSES, worldcover_index
 
 
@@ -38,19 +38,6 @@ def unique_samples(rows: dict[str, Tensor], count: int) -> dict[str, Tensor]:
     return {k: v[keep] for k, v in rows.items()}
 
 
-def two_fold_knn_correct(features: Tensor, labels: Tensor) -> Tensor:
-    """(N,) float 0/1: kNN top-1 hit of each sample, the other fold as bank.
-
-    The folds are the even and the odd positions; each is the other's bank.
-    """
-    even, odd = slice(0, None, 2), slice(1, None, 2)
-    predicted = torch.empty_like(labels)
-    for query, bank in ((even, odd), (odd, even)):
-        scores = knn_scores(features[bank], labels[bank], features[query], len(WORLDCOVER_CLASSES))
-        predicted[query] = scores.argmax(1)
-    return (predicted == labels).float()
-
-
 def validation_metrics(
     rows: dict[str, Tensor], high_frequency_classes: list[int]
 ) -> dict[str, Tensor]:
@@ -69,7 +56,8 @@ def validation_metrics(
     labels = rows["label"]
     if len(labels) < 2:
         return metrics
-    correct = two_fold_knn_correct(rows["features"], labels)
+    predicted = cross_fold_knn(rows["features"], labels, len(WORLDCOVER_CLASSES))
+    correct = (predicted == labels).float()
     frequent = worldcover_index(
         torch.tensor(high_frequency_classes, dtype=torch.long, device=labels.device)
     )

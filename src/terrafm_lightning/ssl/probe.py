@@ -2,7 +2,7 @@
 
 ``TeacherLinearProbe.load_from_checkpoint("pretrain.ckpt")`` rebuilds the pretrained networks
 from the checkpoint's hyper-parameters (:class:`StudentTeacherModule`), loads their weights and
-adds a fresh linear head; only that head trains.
+adds a fresh linear head (the evaluation's :class:`LinearHead`); only that head trains.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from terrafm_lightning.batch import CropBatch
+from terrafm_lightning.eval.linear_probe import LinearHead
 from terrafm_lightning.modalities import WORLDCOVER_CLASSES, worldcover_index
 from terrafm_lightning.ssl.student_teacher import StudentTeacherModule
 
@@ -32,14 +32,14 @@ class TeacherLinearProbe(StudentTeacherModule):
     def __init__(self, probe_lr: float = 1e-3, **pretraining_hparams: Any) -> None:
         super().__init__(**self.network_arguments(pretraining_hparams))
         self.student.requires_grad_(False)  # keep the pretrained networks as they are
-        self.probe = nn.Linear(self.teacher.backbone.embed_dim, len(WORLDCOVER_CLASSES))
+        self.probe = LinearHead(self.teacher.backbone.embed_dim, len(WORLDCOVER_CLASSES))
 
     def training_step(self, batch: CropBatch, batch_idx: int) -> Tensor:  # noqa: D102
         b = len(batch["dominant_class"])  # the first global crop: rows 0..B-1
         with torch.no_grad():
             crop = {m: x[:b] for m, x in batch["global_crops"].items()}
             cls = self.teacher.backbone(crop, batch["teacher_presence"][:b])
-        loss = F.cross_entropy(self.probe(cls), worldcover_index(batch["dominant_class"]))
+        loss = self.probe.loss(self.probe(cls), worldcover_index(batch["dominant_class"]))
         self.log("train/probe_loss", loss)
         return loss
 
