@@ -285,11 +285,6 @@ class TerraFMDataModule(LightningDataModule):
             )
         if len(samples) == 0:
             raise StoreError(f"store {hp.path} has no usable sample")
-        if hp.tau > 0 and not self._class_frequencies:
-            raise StoreError(
-                f"store {hp.path} has no WorldCover class_frequencies (run `terrafm-data "
-                "worldcover`); use tau=0 for uniform sampling"
-            )
         self._kept = (
             samples,
             available[samples],
