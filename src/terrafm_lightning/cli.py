@@ -245,6 +245,10 @@ def main(args: list[str] | None = None) -> None:
     try:
         if argv[:1] == ["export-backbone"]:
             _export_main(argv[1:])
+        elif argv[:1] == ["plan"]:
+            from terrafm_lightning.plan import main as plan_main  # imports the CLI itself
+
+            plan_main(argv[1:])
         else:
             run_cli(argv if args is not None else None)
     except USER_ERRORS as err:

@@ -14,6 +14,7 @@ from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from terrafm_lightning.batch import require
 from terrafm_lightning.modalities import BANDS, MODALITIES, SSL4EO_STATS, UNITS
@@ -136,9 +137,26 @@ class TerraFM(nn.Module):
             TerraFMBlock(embed_dim, num_heads, mlp_ratio, r, norm_layer) for r in rates
         )
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = 0
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
+
+    def set_grad_checkpointing(self, enable: bool = True, every: int = 1) -> None:
+        """Recompute every ``every``-th block's activations in backward instead of keeping them.
+
+        Only in training mode with gradients enabled (``torch.utils.checkpoint``, non-reentrant).
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.grad_checkpointing = every if enable else 0
+
+    def _block(self, index: int, x: Tensor, *args: object) -> Tensor:
+        block = self.blocks[index]
+        every = self.grad_checkpointing
+        if every and index % every == 0 and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, *args, use_reentrant=False)
+        return block(x, *args)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay (timm convention)."""
@@ -240,8 +258,8 @@ class TerraFM(nn.Module):
     def forward_features(self, inputs: dict[str, Tensor], presence: Tensor | None = None) -> Tensor:
         """Normalised CLS + patch tokens, (B, 1 + H/16*W/16, d)."""
         x = self.prepare_tokens(inputs, presence)
-        for block in self.blocks:
-            x = block(x)
+        for index in range(len(self.blocks)):
+            x = self._block(index, x)
         return self.norm(x)
 
     def forward_packed(
@@ -261,8 +279,8 @@ class TerraFM(nn.Module):
             row_sample.append(torch.arange(b * n, device=device) // n + offset)
             offset += b
         row_sample = torch.cat(row_sample)
-        for block in self.blocks:
-            x = block(x, sets, row_sample)
+        for index in range(len(self.blocks)):
+            x = self._block(index, x, sets, row_sample)
         rows = x.split([b * n for b, n in sets])
         cls = [r.view(b, n, -1)[:, 0] for r, (b, n) in zip(rows, sets, strict=True)]
         return self.norm(torch.cat(cls))
