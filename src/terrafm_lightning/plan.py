@@ -48,6 +48,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,8 @@ class StepMemory:
 class StepRunner:
     """A module, its optimizer and precision on fake tensors; runs and measures steps.
 
+    With ``fake=False`` the same steps run on the module's real tensors (to validate the plan).
+
     A step is the forward under the precision's context, the backward and the gradient
     clipping, then AdamW, the EMA and the centring update. The latter three run outside the
     measurement: on the device they are in-place fused kernels, while their fake versions
@@ -353,12 +356,15 @@ class StepRunner:
         modalities: Sequence[str],
         accumulate: int,
         clip: float | None,
+        fake: bool = True,
     ) -> None:
         self.module, self.plugin, self.data, self.modalities = module, plugin, data, modalities
         self.accumulate, self.clip = accumulate, clip
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
         with self.fake_mode:
-            self.module = plugin.convert_module(module.to_empty(device="cpu"))
+            if fake:
+                module = module.to_empty(device="cpu")
+            self.module = plugin.convert_module(module)
             self.module.train()
             self.optimizer = self.module.configure_optimizers()
         self.trainable = [p for p in self.module.student.parameters() if p.requires_grad]
@@ -366,10 +372,11 @@ class StepRunner:
     def _step(self, batch_size: int, mode: TorchDispatchMode) -> None:
         module, optimizer = self.module, self.optimizer
         with self.fake_mode:
-            batch = self.plugin.convert_input(crop_batch(self.data, self.modalities, batch_size))
             if self.accumulate == 1:
                 optimizer.zero_grad(set_to_none=True)
             with mode:
+                batch = crop_batch(self.data, self.modalities, batch_size)
+                batch = self.plugin.convert_input(batch)
                 with self.plugin.forward_context():
                     out = module._loss(batch, module.hparams.teacher_temp)
                     module.centering.accumulate(out["teacher"], batch["dominant_class"])
