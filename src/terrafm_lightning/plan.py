@@ -640,7 +640,7 @@ def make_plan(
         batch_size=batch_size,
         crops=f"{crops} crops of {', '.join(modalities)}",
         parameters=sum(p.numel() for p in runner.module.student.parameters()),
-        trainable=sum(p.numel() for p in runner.trainable),
+        trainable=sum(p.numel() for p in runner.module.student.parameters() if p.requires_grad),
         state=state,
         step=step,
         largest=largest,
