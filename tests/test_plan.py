@@ -179,22 +179,15 @@ def test_cli_prints_the_plan_of_the_tiny_recipe(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = _config(tmp_path)
-    main(["plan", "--config", str(config), "--devices", "2", "--gpu-memory", "2", "--mfu", "0.5"])
-    printed = capsys.readouterr().out
-    plan = make_plan(config, devices=2, gpu_memory=2, mfu=0.5)
-    assert printed.strip() == plan.render()
-    assert "32-true; DDP over 2 devices" in printed
-    params, trained = plan.parameters, plan.trainable
-    assert plan.batch_size == 8 and plan.crops.startswith("2 x 32 px + 4 x 16 px crops")
-    assert plan.state["student parameters"] == 4 * params
-    assert plan.state["EMA teacher"] == 4 * params
-    assert plan.state["DDP gradient buckets"] == 4 * trained
-    tensors = sum(1 for p in TerraFMPretrainModule(**_tiny_model()).student.parameters())
-    # exp_avg and exp_avg_sq per trained parameter, one float32 step per trained tensor.
-    assert plan.state["AdamW state"] == 8 * trained + 4 * (tensors - 1)
-    assert plan.usable == 2 * GIB * (1 - HEADROOM)
-    assert plan.samples_per_second == 0.5 * DEVICES["h100"].bf16_flops / plan.flops_per_sample
-    assert plan.peak(False) <= plan.usable and plan.largest[False] >= 8
+    argv = ["--config", str(config), "--devices", "2", "--gpu-memory", "0.25", "--mfu", "0.5"]
+    main(["plan", *argv])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"plan of {config}"
+    assert lines[2].startswith("  step         2 x 32 px + 4 x 16 px crops of s1, s2_l1c, s2_l2a")
+    assert lines[2].endswith("8 per device, 16 in all")
+    assert lines[3] == "  precision    32-true; DDP over 2 devices"
+    assert lines[-5].startswith("  largest batch per device in 0.2 GiB")
+    assert "at MFU 0.5 of NVIDIA H100 SXM (989 TFLOP/s dense bf16)" in lines[-1]
 
 
 def _tiny_model() -> dict:
@@ -206,8 +199,8 @@ def test_fsdp_divides_the_state_by_the_devices(tmp_path: Path) -> None:
         "class_path": "ModelParallelStrategy",
         "init_args": {"data_parallel_size": 4, "tensor_parallel_size": 1},
     }
-    ddp = make_plan(_config(tmp_path), devices=4)
-    fsdp = make_plan(_config(tmp_path, {"strategy": strategy}), devices=4)
+    ddp = make_plan(_config(tmp_path), devices=4, gpu_memory=0.25)
+    fsdp = make_plan(_config(tmp_path, {"strategy": strategy}), devices=4, gpu_memory=0.25)
     assert fsdp.strategy.sharded and not ddp.strategy.sharded
     for name in ("student parameters", "EMA teacher", "AdamW state"):
         assert fsdp.state[name] == ddp.state[name] / 4
@@ -215,6 +208,16 @@ def test_fsdp_divides_the_state_by_the_devices(tmp_path: Path) -> None:
     assert "FSDP whole units (+ their gradients)" in fsdp.state
     assert fsdp.step[False].peak < ddp.step[False].peak  # a quarter of the gradients
     assert fsdp.flops_per_sample == ddp.flops_per_sample
+    params, trained = ddp.parameters, ddp.trainable
+    assert ddp.batch_size == 8
+    assert ddp.state["student parameters"] == ddp.state["EMA teacher"] == 4 * params
+    assert ddp.state["DDP gradient buckets"] == 4 * trained
+    tensors = sum(1 for p in TerraFMPretrainModule(**_tiny_model()).student.parameters())
+    # exp_avg and exp_avg_sq per trained parameter, one float32 step per trained tensor.
+    assert ddp.state["AdamW state"] == 8 * trained + 4 * (tensors - 1)
+    assert ddp.usable == 0.25 * GIB * (1 - HEADROOM)
+    assert ddp.peak(False) <= ddp.usable and ddp.largest[False] >= 8
+    assert ddp.samples_per_second == 0.4 * DEVICES["h100"].bf16_flops / ddp.flops_per_sample
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -416,12 +416,12 @@ def largest_batch(peak: Callable[[int], float], usable: float, known: Mapping[in
     """The largest batch ``b`` with ``peak(b) <= usable`` (0 if none), for an increasing peak.
 
     The peak is close to linear in the batch: the secant through the two measured batches
-    nearest the limit predicts it, and the prediction is checked at ``b`` and ``b + 1``; a
-    bisection finishes any rest. ``known`` holds peaks already measured, by batch.
+    nearest the limit predicts it, and the prediction is checked at ``b`` (and at ``b + 1`` if
+    ``b`` fits); a bisection finishes any rest. ``known`` holds peaks already measured, by batch.
     """
     points = dict(known) or {1: peak(1)}
     for batch in list(points):
-        points.setdefault(4 * batch, peak(4 * batch))
+        points.setdefault(8 * batch, peak(8 * batch))
 
     def bounds() -> tuple[int, int | None]:
         fitting = [b for b, value in points.items() if value <= usable]
@@ -442,6 +442,8 @@ def largest_batch(peak: Callable[[int], float], usable: float, known: Mapping[in
         for batch in (guess, guess + 1):
             if batch not in points:
                 points[batch] = peak(batch)
+            if points[batch] > usable:
+                break
         low, high = bounds()
     high = high or MAX_BATCH + 1
     while high - low > 1:
