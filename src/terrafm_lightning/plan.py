@@ -48,7 +48,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _has_storage(value: object) -> bool:
+    """A tensor with a dense storage to count."""
     return isinstance(value, Tensor) and not value.is_sparse
 
 
@@ -369,7 +370,8 @@ class StepRunner:
             self.optimizer = self.module.configure_optimizers()
         self.trainable = [p for p in self.module.student.parameters() if p.requires_grad]
 
-    def _step(self, batch_size: int, mode: TorchDispatchMode) -> None:
+    def _step(self, batch_size: int, mode: AbstractContextManager) -> None:
+        """One step; ``mode`` (a counter) is active from the batch to the clipping."""
         module, optimizer = self.module, self.optimizer
         with self.fake_mode:
             if self.accumulate == 1:
