@@ -275,10 +275,20 @@ def _export_main(argv: list[str]) -> None:
     print(out)
 
 
+def _plan_main(argv: list[str]) -> None:
+    from terrafm_lightning.plan import main as plan_main  # it builds the CLI's parser itself
+
+    plan_main(argv)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], None]]] = {
     "export-backbone": (
         "Write a pretraining checkpoint's backbone to a .pth file (or the released layout).",
         _export_main,
+    ),
+    "plan": (
+        "Print a config's memory, FLOPs and throughput per device before a GPU run.",
+        _plan_main,
     ),
 }
 """Subcommands besides LightningCLI's: name -> (one-line help, entry point given the rest of
