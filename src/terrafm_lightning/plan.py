@@ -70,6 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from terrafm_lightning.batch import CropBatch
 from terrafm_lightning.data.datamodule import TerraFMDataModule
+from terrafm_lightning.errors import MissingInputError, UserError
 from terrafm_lightning.modalities import BANDS, MODALITIES, WORLDCOVER_CLASSES
 from terrafm_lightning.ssl.ema import ema_update
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
@@ -212,7 +213,7 @@ def precision_plugin(precision: str | int | None) -> Precision:
         return DoublePrecision()
     if value == "32-true":
         return Precision()
-    raise ValueError(
+    raise UserError(
         f"trainer.precision {precision!r} cannot be planned: use 32-true, bf16-mixed, 16-mixed, "
         "bf16-true or 16-true"
     )
@@ -244,13 +245,13 @@ def parse_strategy(strategy: Any, devices: int) -> Strategy:
     if name.endswith(SHARDED_STRATEGIES) or name.startswith("fsdp"):
         tensor_parallel = init.get("tensor_parallel_size", 1)
         if tensor_parallel not in (1, "auto"):
-            raise ValueError(
+            raise UserError(
                 f"trainer.strategy {name} with tensor_parallel_size {tensor_parallel} cannot be "
                 "planned: the plan shards over data-parallel devices only (set it to 1)"
             )
         return Strategy(f"FSDP over {devices} devices", devices, True, False)
     if name.startswith("deepspeed") or "DeepSpeed" in name:
-        raise ValueError(f"trainer.strategy {name} cannot be planned: use ddp or FSDP")
+        raise UserError(f"trainer.strategy {name} cannot be planned: use ddp or FSDP")
     ddp = name.startswith("ddp") or name.endswith("DDPStrategy") or devices > 1
     buckets = ddp and not init.get("gradient_as_bucket_view", False)
     label = f"DDP over {devices} devices" if ddp else "one device"
@@ -270,7 +271,7 @@ class _ConfigOnly(LightningCLI):
 def read_config(path: str | Path) -> Any:
     """Parse a ``terrafm fit`` config as the CLI does; returns its namespace."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"config {path} not found")
+        raise MissingInputError(f"config {path} not found")
     import terrafm_lightning.cli  # noqa: F401  (registers every class the CLI resolves)
 
     with warnings.catch_warnings():
@@ -294,7 +295,7 @@ def _class(config: Any, key: str, expected: type, path: str | Path) -> tuple[typ
     module, _, name = class_path.rpartition(".")
     cls = getattr(sys.modules.get(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, expected)):
-        raise ValueError(
+        raise UserError(
             f"{path}: {key} is {name or 'missing'}; terrafm plan takes a pretraining config "
             f"({key}: {expected.__name__})"
         )
@@ -544,7 +545,7 @@ def _devices(trainer: Any, path: str | Path) -> int:
     elif isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     if not isinstance(devices, int) or devices < 1:
-        raise ValueError(
+        raise UserError(
             f"{path}: trainer.devices is {devices!r}; pass --devices N (devices of the whole run)"
         )
     return devices * int(nodes)
@@ -572,15 +573,15 @@ def make_plan(
             that does not fit even at 1 sample per device.
     """
     if device not in DEVICES:
-        raise ValueError(f"--device {device!r} is unknown; accepted: {', '.join(DEVICES)}")
+        raise UserError(f"--device {device!r} is unknown; accepted: {', '.join(DEVICES)}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu {mfu} must be in (0, 1]")
+        raise UserError(f"--mfu {mfu} must be in (0, 1]")
     if devices is not None and devices < 1:
-        raise ValueError(f"--devices {devices} must be at least 1")
+        raise UserError(f"--devices {devices} must be at least 1")
     spec = DEVICES[device]
     memory = spec.memory_gib if gpu_memory is None else gpu_memory
     if memory <= 0:
-        raise ValueError(f"--gpu-memory {gpu_memory} must be positive")
+        raise UserError(f"--gpu-memory {gpu_memory} must be positive")
     config = read_config(config_path)
     model_class, model_args = _class(config, "model", TerraFMPretrainModule, config_path)
     _, data_args = _class(config, "data", TerraFMDataModule, config_path)
@@ -627,7 +628,7 @@ def make_plan(
             if strategy.sharded
             else ("FSDP (trainer.strategy: ModelParallelStrategy) over more devices")
         )
-        raise ValueError(
+        raise UserError(
             f"{config_path}: 1 sample per device needs {one / GIB:.1f} GiB even with activation "
             f"checkpointing, over the {usable / GIB:.1f} GiB usable of --gpu-memory {memory:g}: "
             f"use {fix}, or smaller crops (data.init_args.global_crop_size, local_crop_size)"

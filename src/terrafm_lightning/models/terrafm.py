@@ -261,7 +261,7 @@ class TerraFM(nn.Module):
             ValueError: if ``every`` < 1.
         """
         if every < 1:
-            raise ValueError(f"every must be >= 1 (every k-th block), got {every}")
+            raise UserError(f"every must be >= 1 (every k-th block), got {every}")
         self.grad_checkpointing = every if enable else 0
 
     def _block(self, i: int, block: TerraFMBlock, *args: Any) -> Tensor:

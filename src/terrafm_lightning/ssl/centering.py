@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from terrafm_lightning.errors import UserError
+
 
 def _all_reduce_sum(x: Tensor) -> Tensor:
     """Sum ``x`` over all processes (in place) when a process group is running."""
@@ -107,7 +109,7 @@ class DualCentering(Centering):
     ) -> None:
         super().__init__(dim, momentum)
         if not high_frequency_classes:
-            raise ValueError("dual centring needs a non-empty high_frequency_classes list")
+            raise UserError("dual centring needs a non-empty high_frequency_classes list")
         self.alpha = alpha
         self.register_buffer("center_hf", torch.zeros(1, dim))
         self.register_buffer(

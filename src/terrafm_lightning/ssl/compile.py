@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from terrafm_lightning.errors import UserError
+
 if TYPE_CHECKING:
     from terrafm_lightning.ssl.student_teacher import StudentTeacher
 
@@ -37,7 +39,7 @@ def compile_mode(value: bool | str | None) -> str | None:
     if value is True:
         return "default"
     if value not in COMPILE_MODES:
-        raise ValueError(
+        raise UserError(
             f"compile={value!r} is not a torch.compile mode; use true, false or one of "
             f"{', '.join(COMPILE_MODES)}"
         )

@@ -146,14 +146,14 @@ class TerraFMPretrainModule(StudentTeacherModule):
         if class_frequencies is not None and high_frequency_classes is not None:
             unknown = sorted(set(high_frequency_classes) - set(class_frequencies))
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"high_frequency_classes {unknown} are not in class_frequencies "
                     f"{sorted(class_frequencies)}"
                 )
         if centering not in ("dual", "dino"):
-            raise ValueError(f"centering must be 'dual' or 'dino', got {centering!r}")
+            raise UserError(f"centering must be 'dual' or 'dino', got {centering!r}")
         if clip_mode not in ("per_parameter", "global_norm"):
-            raise ValueError(
+            raise UserError(
                 f"clip_mode must be 'per_parameter' or 'global_norm', got {clip_mode!r}"
             )
         self.optimizer_init: dict[str, Any] | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from terrafm_lightning.errors import UserError
+
 
 @dataclass(frozen=True)
 class WarmupCosine:
@@ -29,7 +31,7 @@ class WarmupCosine:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
+            raise UserError(
                 f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps "
                 f"({self.total_steps}) and total_steps >= 1"
             )

@@ -19,6 +19,7 @@ import timm
 from torch import Tensor, nn
 
 from terrafm_lightning.batch import TileView
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.models import TerraFM
 from terrafm_lightning.models.terrafm import layer_group_matcher
 from terrafm_lightning.ssl.compile import compile_mode, compile_networks
@@ -51,7 +52,7 @@ def checkpointing_period(value: bool | int) -> int:
     if value is True or value is False:
         return int(value)
     if not isinstance(value, int) or value < 0:
-        raise ValueError(
+        raise UserError(
             f"grad_checkpointing={value!r}: use true (every block), false, or k >= 1 "
             "(every k-th block)"
         )
@@ -96,7 +97,7 @@ class StudentTeacherModule(L.LightningModule):
         every = checkpointing_period(grad_checkpointing)
         kwargs = dict(backbone_kwargs or {})
         if "grad_checkpointing" in kwargs:
-            raise ValueError(
+            raise UserError(
                 "backbone_kwargs.grad_checkpointing would reach the teacher, which runs without "
                 "gradients: use model.init_args.grad_checkpointing (the student's blocks)"
             )
@@ -133,7 +134,7 @@ class StudentTeacherModule(L.LightningModule):
             ValueError: if activation checkpointing was turned on in the teacher.
         """
         if getattr(self.teacher.backbone, "grad_checkpointing", 0):
-            raise ValueError(
+            raise UserError(
                 "grad_checkpointing is on in the teacher, which runs without gradients: turn it "
                 "off there and use model.init_args.grad_checkpointing (the student's blocks)"
             )
