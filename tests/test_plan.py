@@ -15,16 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from terrafm_lightning.cli import main
 from terrafm_lightning.modalities import BANDS, MODALITIES
-from terrafm_lightning.plan import (
-    DEVICES,
-    GIB,
-    HEADROOM,
-    SDPA_FLOPS,
-    StepRunner,
-    largest_batch,
-    make_plan,
-    precision_plugin,
-)
+from terrafm_lightning.plan import make_plan
+from terrafm_lightning.plan.config import precision_plugin
+from terrafm_lightning.plan.devices import DEVICES
+from terrafm_lightning.plan.estimate import GIB, HEADROOM
+from terrafm_lightning.plan.flops import SDPA_FLOPS
+from terrafm_lightning.plan.search import largest_batch
+from terrafm_lightning.plan.step import StepRunner
 from terrafm_lightning.ssl.module import TerraFMPretrainModule
 
 ROOT = Path(__file__).resolve().parents[1]
