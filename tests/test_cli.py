@@ -293,7 +293,14 @@ def test_help_lists_every_subcommand(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout.split("subcommands:\n")[1].split("\n\n")[0]
     assert [line.split()[0] for line in table.splitlines()] == [*SUBCOMMANDS, *COMMANDS]
-    assert [*SUBCOMMANDS, *COMMANDS] == ["fit", "validate", "test", "predict", "export-backbone"]
+    assert [*SUBCOMMANDS, *COMMANDS] == [
+        "fit",
+        "validate",
+        "test",
+        "predict",
+        "export-backbone",
+        "plan",
+    ]
     # No subcommand: the same text on stderr, exit status 2.
     bare = terrafm(cwd=tmp_path)
     assert (bare.returncode, bare.stdout, bare.stderr) == (2, "", result.stdout)

@@ -302,9 +302,10 @@ def test_argument_mistakes_are_one_line(data, checkpoint, tmp_path):
     torch.save(export_released_weights(terrafm_tiny(depth=2)), released)
     message = _error(["--released", str(released), "--data", eurosat, "--out", out])  # base
     assert message == (
-        "make eval: --released (RELEASED=): released weights do not fit this model for "
-        "terrafm_base({}): give the --backbone (BACKBONE=) of the file (terrafm_base: "
-        "TerraFM-B.pth, terrafm_large: TerraFM-L.pth)"
+        f"make eval: --released (RELEASED=): {released} holds a TerraFM of width 192 with 2 "
+        "blocks; this model has width 768 with 12 blocks: build the matching size (terrafm_base: "
+        "768 / 12, terrafm_large: 1024 / 24) (asked: terrafm_base); give the --backbone "
+        "(BACKBONE=) of the file's size"
     )
     message = _error(["--ckpt", str(checkpoint), "--data", eurosat, "--out", out]
                      + ["--backbone-kwargs", '{"depth": 4}'])  # fmt: skip

@@ -47,6 +47,7 @@ from lightning import seed_everything
 from torch import nn
 from tqdm.auto import tqdm
 
+from terrafm_lightning.errors import UserError
 from terrafm_lightning.eval.datasets import EvalDataModule
 from terrafm_lightning.eval.datasets.base import SPLITS, Detection
 from terrafm_lightning.eval.features import (
@@ -196,7 +197,7 @@ def backbone_sources(
     if ckpt is not None:
         try:
             name, kwargs = checkpoint_architecture(read_checkpoint(ckpt))
-        except (FileNotFoundError, ValueError) as err:
+        except UserError as err:
             raise ReportError(f"{_flag('ckpt')}: {err}") from err
         kwargs.update(backbone_kwargs)
         args = {"checkpoint": {"checkpoint": str(ckpt), "backbone_kwargs": backbone_kwargs}}
@@ -213,12 +214,12 @@ def backbone_sources(
         seed_everything(0, verbose=False)
         try:
             model = BackboneTask(**source_args).backbone.to(device)
-        except (FileNotFoundError, ValueError) as err:
+        except UserError as err:
             reason = str(err).splitlines()[0].rstrip(":")
             if source == "released" and not isinstance(err, FileNotFoundError):
                 reason += (
-                    f" for {name}({kwargs}): give the {_flag('backbone')} of the file "
-                    "(terrafm_base: TerraFM-B.pth, terrafm_large: TerraFM-L.pth)"
+                    f" (asked: {name}{kwargs or ''}); give the {_flag('backbone')} of the file's "
+                    "size"
                 )
             option = "released" if source == "released" else "ckpt"
             raise ReportError(f"{_flag(option)}: {reason}") from err
