@@ -21,6 +21,7 @@ from tests.ssl.test_pretrain_ddp import cli_process, finish
 from tests.test_cli import step_losses, wait_for_checkpoint
 
 MOMENTUM = 0.9  # the script's momentum_teacher: the EMA momentum at optimizer step 0
+PEAK_LR = 5e-4  # the script's peak learning rate (per 256 samples, at its global batch)
 
 
 @pytest.mark.slow
@@ -57,12 +58,17 @@ def test_fsdp_shards_student_and_teacher_and_matches_one_process(tmp_path: Path)
     moved = max((after["teacher"][k] - before["teacher"][k]).abs().max() for k in before["teacher"])
     assert moved > 1e-5, "the teacher did not move"
     for step, (sharded, reference) in enumerate(zip(rank0, single, strict=True)):
+        # Reduction order differs between the sharded and the single run. Adam's first steps turn
+        # that noise on a near-zero gradient into an update of up to +-lr, so a few weights may
+        # differ by up to 2 lr in the student, (1 - momentum) 2 lr in the teacher; all others
+        # agree to 1e-5 (a sharding error moves far more than 1e-4 of the weights).
+        off = total = 0
         for name, value in reference["teacher"].items():
-            # atol covers Adam's first steps amplifying reduction-order noise of tiny gradients
-            # (student differences up to ~2e-5, i.e. 2e-6 after the EMA's 0.1 weight).
-            torch.testing.assert_close(
-                sharded["teacher"][name], value, rtol=1e-4, atol=1e-5, msg=f"step {step} {name}"
-            )
+            diff = (sharded["teacher"][name] - value).abs()
+            assert diff.max() <= (1 - MOMENTUM) * 2 * PEAK_LR, f"step {step} {name}: {diff.max()}"
+            off += int((diff > 1e-5 + 1e-4 * value.abs()).sum())
+            total += value.numel()
+        assert off <= 1e-4 * total, f"step {step}: {off} of {total} teacher weights differ"
 
     # (3) The centres are identical on both ranks and equal those of the unsharded run.
     for step, (a, b, s) in enumerate(zip(rank0, rank1, single, strict=True)):
