@@ -31,6 +31,24 @@ def test_read_only_commands_on_a_missing_store_create_nothing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_read_only_commands_on_another_tools_zarr_store_name_it_and_write_nothing(tmp_path, capsys):
+    import zarr
+
+    other = tmp_path / "other.zarr"
+    zarr.open_group(str(other), mode="w", zarr_format=3).create_array("x", shape=(4,), dtype="i4")
+    before = {p: p.stat().st_mtime_ns for p in other.rglob("*")}
+    expected = (
+        f"{other} is a Zarr store made by another tool, not a terrafm store (no format_version): "
+        "give the path of a store written by terrafm-data"
+    )
+    assert main(["stats", str(other), "--scheduler", "sync"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "--overwrite" not in err and "Traceback" not in err
+    assert main(["validate", str(other)]) == 1
+    assert expected in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in other.rglob("*")} == before
+
+
 def test_validate_and_open_of_an_existing_store_write_nothing(synthetic_store):
     before = {p: p.stat().st_mtime_ns for p in synthetic_store.rglob("*")}
     assert validate_store(str(synthetic_store)) == []

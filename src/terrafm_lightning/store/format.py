@@ -183,10 +183,15 @@ def open_store(
     except Exception as err:
         raise StoreError(f"cannot open store at {path}: {err}") from err
     version = root.attrs.get("format_version")
+    if version is None:
+        raise StoreError(
+            f"{path} is a Zarr store made by another tool, not a terrafm store (no "
+            "format_version): give the path of a store written by terrafm-data"
+        )
     if version != FORMAT_VERSION:
         raise StoreError(
-            f"{path} is not a terrafm-lightning store of format_version {FORMAT_VERSION} "
-            f"(found {version!r}); write it again with the same terrafm-data command and "
+            f"{path} is a terrafm-lightning store of format_version {version!r}, this version "
+            f"reads {FORMAT_VERSION}; write it again with the same terrafm-data command and "
             "--overwrite"
         )
     return root
