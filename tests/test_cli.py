@@ -285,6 +285,18 @@ def test_mistakes_through_the_command_name_their_real_cause(trained, tmp_path: P
         "config runs LinearProbe: pass a LinearProbe checkpoint (or the config that trained "
         "this one)"
     )
+    # A config of another architecture than the checkpoint's: LightningCLI would run the
+    # checkpoint's silently.
+    result = terrafm(
+        "validate", "--config", trained["config"], "--ckpt_path", last,
+        "--model.init_args.backbone_kwargs.depth", "3", cwd=tmp_path,
+    )  # fmt: skip
+    depth = yaml.safe_load(trained["config"].read_text())["model"]["init_args"]["backbone_kwargs"]
+    assert one_line(result) == (
+        f"terrafm: error: --ckpt_path {last} holds a model with backbone_kwargs={depth!r}, the "
+        f"config asks backbone_kwargs={ {**depth, 'depth': 3}!r}: run it with the config that "
+        "trained it (its run folder's config.yaml) or set backbone_kwargs to the checkpoint's value"
+    )
     assert not any(tmp_path.iterdir()), "a refused command wrote files"
 
 

@@ -29,6 +29,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning import LightningDataModule, LightningModule, Trainer
@@ -183,6 +184,7 @@ class TerraFMCLI(LightningCLI):
                 f"pass a {wanted} checkpoint (or the config that trained this one)"
             )
         init_args = {k: v for k, v in hparams.items() if k not in ("_instantiator", "_class_path")}
+        _check_architecture(path, init_args, self.config[subcommand]["model"].get("init_args"))
         if init_args:
             model = {"class_path": self.config[subcommand]["model"]["class_path"]}
             model["init_args"] = init_args
@@ -273,6 +275,37 @@ def _export_main(argv: list[str]) -> None:
     if args.released:
         print(released_export_note(), file=sys.stderr)
     print(out)
+
+
+ARCHITECTURE_ARGS = (
+    "backbone",
+    "backbone_kwargs",
+    "num_prototypes",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "norm_last_layer",
+)
+"""Model arguments that decide the checkpoint's tensors: the config may not ask others."""
+
+
+def _check_architecture(path: str, saved: dict[str, Any], given: Any) -> None:
+    """Refuse a config whose architecture differs from the checkpoint's.
+
+    LightningCLI would silently replace the config's value by the checkpoint's.
+    """
+    if given is None:
+        return
+    for key in ARCHITECTURE_ARGS:
+        if key not in saved or given.get(key) is None:
+            continue
+        want = given[key].as_dict() if hasattr(given[key], "as_dict") else given[key]
+        have = saved[key] or ({} if key == "backbone_kwargs" else saved[key])
+        if want != have:
+            raise UserError(
+                f"--ckpt_path {path} holds a model with {key}={have!r}, the config asks "
+                f"{key}={want!r}: run it with the config that trained it (its run folder's "
+                f"config.yaml) or set {key} to the checkpoint's value"
+            )
 
 
 def _plan_main(argv: list[str]) -> None:
