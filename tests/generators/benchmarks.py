@@ -358,6 +358,30 @@ def write_sen1floods11(
     return top
 
 
+def write_segmentation_folders(
+    root: Path,
+    n: int = 2,
+    size: int = 32,
+    classes: int = 3,
+    splits: Sequence[str] = ("train", "val"),
+) -> Path:
+    """Image / mask GeoTIFF pairs for terratorch's ``GenericNonGeoSegmentationDataModule``.
+
+    ``root/<split>/images/chip_<i>_img.tif``: the 12 S2 L2A bands (uint16, content-coded, + the
+    class's ``label_step`` per pixel); ``root/<split>/masks/chip_<i>_mask.tif``: the class index
+    (uint8), ``classes`` vertical stripes.
+    """
+    rng = np.random.default_rng(5)
+    mask = (np.arange(size) * classes // size)[None, :].repeat(size, 0).astype(np.uint8)
+    for split in splits:
+        for i in range(n):
+            image = coded_image(rng, BANDS["s2_l2a"], 0, size, "float32")
+            image = (image + label_step("B01") * mask).astype(np.uint16)
+            write_tif(root / split / "images" / f"chip_{i}_img.tif", image)
+            write_tif(root / split / "masks" / f"chip_{i}_mask.tif", mask[None])
+    return root
+
+
 def pretraining_checkpoint(path, drop_path_rate=0.1, seed=None):
     """A checkpoint in the TerraFMPretrainModule layout of docs/contracts.md.
 

@@ -1,18 +1,26 @@
 """TerraFM in terratorch: registry, backbone contract, EncoderDecoderFactory + UPerNet, a fit."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
+from terrafm_lightning.modalities import SSL4EO_STATS
 from terrafm_lightning.models import export_released_weights, terrafm_tiny
 
 # Imported before terratorch itself, which sets torch's float32 matmul precision to "medium" for
 # the whole process on import; our module restores it (terratorch is imported in the tests).
 from terrafm_lightning.models.terratorch import TerraFMBackbone
 from terrafm_lightning.ssl.checkpoint import backbone_payload
+from tests.generators.benchmarks import write_segmentation_folders
 from tests.models.fast_fit import fast_dev_fit
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "use_elsewhere.md"
 
 NECKS = [
     {"name": "SelectIndices", "indices": [0, 1, 2, 3]},
@@ -30,6 +38,13 @@ print(before, BACKBONE_REGISTRY.build("terrafm_tiny", depth=1).out_channels)
 """
 
 
+def custom_modules_folder(folder: Path) -> Path:
+    """A folder for terratorch's ``custom_modules_path`` that registers our backbones."""
+    folder.mkdir()
+    (folder / "__init__.py").write_text("import terrafm_lightning.models.terratorch  # noqa\n")
+    return folder
+
+
 def test_importing_the_backbones_keeps_torch_matmul_precision():
     assert torch.get_float32_matmul_precision() == "highest"
 
@@ -38,9 +53,7 @@ def test_importing_the_backbones_keeps_torch_matmul_precision():
 def test_custom_module_folder_registers_the_backbones(tmp_path):
     # terratorch's mechanism behind `custom_modules_path: <folder>` in a `terratorch fit` YAML,
     # in a fresh interpreter (this test module has registered them already).
-    folder = tmp_path / "terrafm_modules"
-    folder.mkdir()
-    (folder / "__init__.py").write_text("import terrafm_lightning.models.terratorch  # noqa\n")
+    folder = custom_modules_folder(tmp_path / "terrafm_modules")
     result = subprocess.run(
         [sys.executable, "-c", CUSTOM_MODULE_CHECK, str(folder)],
         capture_output=True,
@@ -127,3 +140,49 @@ def test_semantic_segmentation_task_fits(dict_input):
     # The S1 stem trains exactly when the dict input carries S1 (fusion of both modalities).
     s1_trained = not torch.equal(task.model.encoder.model.patch_embed.conv2d_s1.weight, stem)
     assert s1_trained is dict_input
+
+
+@pytest.mark.slow
+def test_terratorch_fit_cli_runs_the_documented_yaml(tmp_path):
+    # terratorch's own CLI in a fresh interpreter, on the YAML of docs/use_elsewhere.md with a
+    # 4-block TerraFM-Ti (no weights file) and a fast_dev_run on the CPU.
+    (block,) = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), flags=re.S)
+    config = yaml.safe_load(block)
+    data = config["data"]["init_args"]
+    assert data["means"] == list(SSL4EO_STATS["s2_l2a"]["mean"])
+    assert data["stds"] == list(SSL4EO_STATS["s2_l2a"]["std"])
+    model_args = config["model"]["init_args"]["model_args"]
+    del model_args["backbone_ckpt_path"]
+    model_args.update(backbone="terrafm_tiny", backbone_depth=4, necks=NECKS)
+    config["trainer"] = {
+        "fast_dev_run": True,
+        "accelerator": "cpu",
+        "enable_progress_bar": False,
+        "detect_anomaly": True,  # a NaN in the backward pass fails the run
+        "callbacks": [
+            {
+                "class_path": "lightning.pytorch.callbacks.ModelSummary",
+                "init_args": {"max_depth": 2},
+            }
+        ],
+    }
+    write_segmentation_folders(tmp_path / "data", classes=data["num_classes"])
+    custom_modules_folder(tmp_path / config["custom_modules_path"])
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "terratorch", "fit", "--config", "fit.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = result.stdout + result.stderr
+    # The model terratorch built holds our encoder with the 4 blocks asked for; one step ran.
+    from terratorch.registry import BACKBONE_REGISTRY
+
+    size = sum(p.numel() for p in BACKBONE_REGISTRY.build("terrafm_tiny", depth=4).parameters())
+    row = (
+        rf"model\.encoder\s*\|\s*TerraFMBackbone\s*\|\s*{re.escape(get_human_readable_count(size))}"
+    )
+    assert re.search(row, log), log[-4000:]
+    assert "`Trainer.fit` stopped: `max_steps=1` reached." in log
