@@ -73,9 +73,12 @@ def test_every_readme_command_is_run_by_a_test() -> None:
 
 def make_n(target: str, *variables: str) -> list[str]:
     """The recipe lines ``make -n`` prints for ``target`` (its ``install`` prerequisite skipped)."""
+    # Under `make test` the parent make's variables would add "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     result = subprocess.run(
-        ["make", "-n", "-o", ".venv/.installed", target, *variables],
+        ["make", "--no-print-directory", "-n", "-o", ".venv/.installed", target, *variables],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
